@@ -1,0 +1,91 @@
+"""The medfed ClientApp: thin Message handlers around :mod:`medfed.client.task`.
+
+Each handler unpacks the arrays and config, calls a pure function, and packs the reply.
+A site that cannot train or evaluate answers with an error reply naming the site and
+the reason, so the server logs and excludes it instead of waiting.
+Heavy optional libraries (MONAI, Opacus) are imported only by the code paths that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medfed.common.config import StudyConfig, parse_study_config
+from medfed.common.constants import RecordKey, SiteKey
+
+log = logging.getLogger(__name__)
+
+ERROR_CODE_SITE = 100  # medfed: the site could not run the task (reason says why)
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=8)
+def _study(items: tuple[tuple[str, object], ...]) -> StudyConfig:
+    return parse_study_config(dict(items))
+
+
+def _context_study(context: Context) -> StudyConfig:
+    return _study(tuple(sorted(context.run_config.items())))
+
+
+def _site_record(site_id: str) -> ConfigRecord:
+    return ConfigRecord({SiteKey.SITE_ID.value: site_id})
+
+
+def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
+    who = context.node_config.get("site-id") or context.node_config.get("partition-id", "?")
+    reason = f"site {who}: {type(exc).__name__}: {exc}"
+    log.error("%s", reason)
+    return Message(Error(code=ERROR_CODE_SITE, reason=reason), reply_to=msg)
+
+
+@app.train()
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's training data."""
+    from medfed.client.site_data import resolve_site
+    from medfed.client.task import train_round
+
+    try:
+        cfg = _context_study(context)
+        site = resolve_site(context.node_config, cfg)
+        arrays = msg.content[RecordKey.ARRAYS.value]
+        config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
+        reply = train_round(cfg, site, arrays, config)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+        return _error_reply(msg, context, exc)
+    content = RecordDict(
+        {
+            RecordKey.ARRAYS.value: reply.arrays,
+            RecordKey.METRICS.value: MetricRecord(reply.metrics),
+            RecordKey.SITE.value: _site_record(site.site_id),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this site's validation and test data."""
+    from medfed.client.site_data import resolve_site
+    from medfed.client.task import evaluate_round
+
+    try:
+        cfg = _context_study(context)
+        site = resolve_site(context.node_config, cfg)
+        arrays: ArrayRecord = msg.content[RecordKey.ARRAYS.value]
+        config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
+        metrics = evaluate_round(cfg, site, arrays, config)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, context, exc)
+    content = RecordDict(
+        {
+            RecordKey.METRICS.value: MetricRecord(metrics),
+            RecordKey.SITE.value: _site_record(site.site_id),
+        }
+    )
+    return Message(content=content, reply_to=msg)

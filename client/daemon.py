@@ -1,0 +1,231 @@
+"""``medfed site start --config site.yaml``: run one hospital's Flower SuperNode.
+
+The SuperNode connects out to the SuperLink (TLS unless ``--insecure`` is asked for; with
+the site's private key when the server requires SuperNode authentication) and starts the
+medfed ClientApp for each message. Site-specific values reach the ClientApp as node config
+(``context.node_config``): ``site-id``, ``data-root``, ``site-config`` (absolute path of
+site.yaml) and ``state-dir``.
+
+Each SuperNode also serves its own ClientApp runtime API on ``127.0.0.1:PORT``
+(``flower-supernode --port``, default 9094), so two sites on one host need different
+ports: ``clientappio-port`` in site.yaml, 0 (the default) picks a free port at start.
+The SuperNode runs with ``cwd=STATE_DIR`` and ``FLWR_HOME=STATE_DIR/flwr-home``.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medfed.common.errors import ConfigError
+from medfed.server.deploy import (
+    DEFAULT_SUPERLINK_PORT,
+    FLWR_HOME_DIR,
+    READY_TIMEOUT_S,
+    free_port,
+    run_in_foreground,
+    start_process_group,
+    wait_for_port,
+)
+from medfed.server.submit import flower_executable, parse_server_address
+
+if TYPE_CHECKING:
+    import argparse
+    import subprocess
+
+
+class NodeConfigKey(str, Enum):
+    """Keys of the SuperNode node config the medfed ClientApp reads."""
+
+    SITE_ID = "site-id"
+    DATA_ROOT = "data-root"
+    SITE_CONFIG = "site-config"
+    STATE_DIR = "state-dir"
+
+
+SITE_YAML_KEYS = (
+    "site-id", "data-root", "dataset", "data-file", "task", "state-dir", "server",
+    "root-cert", "auth-key", "shard-index", "shard-count", "clientappio-port",
+)
+REQUIRED_SITE_YAML_KEYS = ("site-id", "data-root", "state-dir")
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_SUPERLINK_PORT}"
+RUNTIME_HOST = "127.0.0.1"
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SiteDaemonConfig:
+    """What the site daemon needs from site.yaml; paths are absolute."""
+
+    site_id: str
+    data_root: Path
+    state_dir: Path
+    site_config: Path
+    server: str = DEFAULT_SERVER
+    root_cert: Path | None = None
+    auth_key: Path | None = None
+    clientappio_port: int = 0  # 0: pick a free port at start
+
+
+def load_site_yaml(path: str | Path) -> SiteDaemonConfig:
+    """Parse site.yaml; relative paths are resolved against the file's folder.
+
+    Every key of the site.yaml format is accepted (the ClientApp reads the data keys);
+    unknown keys are errors naming the key and the allowed keys.
+    """
+    from medfed.common.config import load_yaml_mapping
+
+    p = Path(path).resolve()
+    mapping = load_yaml_mapping(p)
+    unknown = sorted(set(mapping) - set(SITE_YAML_KEYS))
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(SITE_YAML_KEYS)}")
+    missing = [k for k in REQUIRED_SITE_YAML_KEYS if mapping.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"{p}: missing required key(s) {', '.join(missing)}")
+    site_id = str(mapping["site-id"])
+    if not _SITE_ID.match(site_id):
+        raise ConfigError(f"{p}: site-id={site_id!r} is not allowed: use letters, digits, '-', '_' or '.'")
+    server = str(mapping.get("server") or DEFAULT_SERVER)
+    try:
+        parse_server_address(server)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    port = mapping.get("clientappio-port", 0)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{p}: clientappio-port={port!r} must be a whole number from 0 (pick a free port) to 65535")
+
+    def _path(key: str) -> Path | None:
+        value = mapping.get(key)
+        return (p.parent / str(value)).resolve() if value not in (None, "") else None
+
+    return SiteDaemonConfig(
+        site_id=site_id,
+        data_root=_path("data-root"),  # type: ignore[arg-type]  # required above
+        state_dir=_path("state-dir"),  # type: ignore[arg-type]
+        site_config=p,
+        server=server,
+        root_cert=_path("root-cert"),
+        auth_key=_path("auth-key"),
+        clientappio_port=port,
+    )
+
+
+def node_config_string(cfg: SiteDaemonConfig) -> str:
+    """``--node-config`` value: TOML literal strings, so paths need no escaping (but no quote)."""
+    values = {
+        NodeConfigKey.SITE_ID: cfg.site_id,
+        NodeConfigKey.DATA_ROOT: str(cfg.data_root),
+        NodeConfigKey.SITE_CONFIG: str(cfg.site_config),
+        NodeConfigKey.STATE_DIR: str(cfg.state_dir),
+    }
+    for key, value in values.items():
+        if "'" in value or "\n" in value:
+            raise ConfigError(f"{key.value}={value!r} contains a quote or newline, which node config cannot carry: rename it")
+    return " ".join(f"{key.value}='{value}'" for key, value in values.items())
+
+
+def supernode_command(
+    site_cfg: SiteDaemonConfig,
+    *,
+    server: str | None = None,
+    insecure: bool = False,
+    root_cert: str | Path | None = None,
+    auth_key: str | Path | None = None,
+    port: int | None = None,
+) -> list[str]:
+    """The ``flower-supernode`` command for this site; arguments override site.yaml.
+
+    TLS is the default: the SuperLink certificate is checked against ``root-cert`` (the
+    ``ca.crt`` from ``medfed certs``; without it, the system CAs). ``auth-key`` is the
+    site's private key for SuperNode authentication.
+    """
+    address = server or site_cfg.server
+    parse_server_address(address)
+    cert = Path(root_cert).resolve() if root_cert else site_cfg.root_cert
+    key = Path(auth_key).resolve() if auth_key else site_cfg.auth_key
+    runtime_port = port if port is not None else site_cfg.clientappio_port
+    if not 1 <= runtime_port <= 65535:
+        raise ConfigError(f"ClientApp runtime port {runtime_port} must be between 1 and 65535")
+    cmd = [flower_executable("flower-supernode"), "--superlink", address]
+    if insecure:
+        conflicts = [name for name, value in (("root-cert", cert), ("auth-key", key)) if value]
+        if conflicts:
+            raise ConfigError(
+                f"--insecure turns TLS off but {' and '.join(conflicts)} is set (site.yaml or flags); "
+                "remove it for an insecure test, or drop --insecure"
+            )
+        cmd.append("--insecure")
+    elif cert is not None:
+        if not cert.is_file():
+            raise ConfigError(f"root-cert {cert} not found: copy the server operator's ca.crt there")
+        cmd += ["--root-certificates", str(cert)]
+    if key is not None:
+        _check_private_key(key, site_cfg.site_id)
+        cmd += ["--auth-supernode-private-key", str(key)]
+    cmd += ["--host", RUNTIME_HOST, "--port", str(runtime_port), "--node-config", node_config_string(site_cfg)]
+    return cmd
+
+
+def _check_private_key(key: Path, site_id: str) -> None:
+    if not key.is_file():
+        raise ConfigError(
+            f"auth-key {key} not found: create it with `medfed certs site --site-id {site_id} "
+            f"--out {key.parent}` and have the server register the .pub file"
+        )
+    if stat.S_IMODE(key.stat().st_mode) & 0o077:
+        raise ConfigError(f"auth-key {key} is readable by other users: run `chmod 600 {key}`")
+
+
+def start_supernode(
+    site_cfg: SiteDaemonConfig,
+    *,
+    log_path: str | Path | None = None,
+    ready_timeout: float = READY_TIMEOUT_S,
+    **overrides: Any,
+) -> subprocess.Popen[bytes]:
+    """Start the SuperNode in its own session; return once its runtime port listens.
+
+    ``overrides`` are :func:`supernode_command` keywords. Readiness means the process is
+    up, not that the SuperLink accepted it (it keeps retrying; a rejected key exits).
+    """
+    port = overrides.pop("port", None) or site_cfg.clientappio_port or free_port(RUNTIME_HOST)
+    cmd = supernode_command(site_cfg, port=port, **overrides)
+    state = site_cfg.state_dir
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    proc = start_process_group(cmd, cwd=state, env={"FLWR_HOME": str(state / FLWR_HOME_DIR)}, log_path=log_path)
+    wait_for_port(RUNTIME_HOST, port, proc, ready_timeout, f"SuperNode for {site_cfg.site_id}", log_path)
+    return proc
+
+
+def add_site_arguments(subparsers: Any) -> None:
+    """``medfed site start`` on the ``site`` command's subparsers."""
+    start = subparsers.add_parser("start", help="run this site's SuperNode (TLS unless --insecure)")
+    add_site_start_arguments(start)
+    start.set_defaults(func=cmd_site_start)
+
+
+def add_site_start_arguments(parser: argparse.ArgumentParser) -> None:
+    """``medfed site start``."""
+    parser.add_argument("--config", required=True, type=Path, help="the site's site.yaml")
+    parser.add_argument("--server", default=None, help="SuperLink address HOST:PORT (overrides site.yaml)")
+    parser.add_argument("--insecure", action="store_true", help="connect without TLS: local tests only")
+    parser.add_argument("--root-cert", type=Path, default=None, help="CA certificate (ca.crt) of the server")
+    parser.add_argument("--auth-key", type=Path, default=None, help="the site's private key (<site-id>.key)")
+    parser.add_argument("--clientappio-port", type=int, default=None, help="local ClientApp runtime port (default: site.yaml, else a free port)")
+
+
+def cmd_site_start(args: argparse.Namespace) -> int:
+    """Run ``medfed site start`` in the foreground until Ctrl-C / SIGTERM."""
+    cfg = load_site_yaml(args.config)
+    proc = start_supernode(
+        cfg, server=args.server, insecure=args.insecure, root_cert=args.root_cert,
+        auth_key=args.auth_key, port=args.clientappio_port,
+    )
+    mode = "insecure, no TLS" if args.insecure else "TLS"
+    print(f"site {cfg.site_id}: SuperNode started ({mode}) towards {args.server or cfg.server}; state in {cfg.state_dir}", flush=True)
+    return run_in_foreground(proc)

@@ -1,0 +1,115 @@
+"""Which data, model spec and state folder a ClientApp call works with.
+
+In simulation Flower's node config carries ``partition-id``/``num-partitions`` and the
+site's data is that partition of the study's dataset. In deployment the SuperNode's node
+config names the site (``site-id``, ``data-root``, ``state-dir``, ``site-config``) and the
+data is the site's own. Either way the result is a :class:`SiteRuntime`; the training
+code never knows which.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfed.common.config import SiteConfig, StudyConfig, load_site_config, parse_site_config
+from medfed.common.data.splits import DatasetInfo, SiteData
+from medfed.common.errors import ConfigError
+from medfed.common.models import ModelSpec
+
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+NODE_SITE_CONFIG = "site-config"
+NODE_SITE_KEYS = ("site-id", "data-root", "state-dir")
+
+
+@dataclass(frozen=True)
+class SiteRuntime:
+    site_id: str
+    info: DatasetInfo
+    data: SiteData
+    state_dir: Path
+
+
+def model_spec(cfg: StudyConfig, info: DatasetInfo) -> ModelSpec:
+    """The model every participant builds: explicit run-config sizes win over the data's."""
+    return ModelSpec(
+        name=cfg.model,
+        in_channels=cfg.in_channels or info.in_channels,
+        num_classes=cfg.num_classes or info.num_classes,
+        image_size=cfg.image_size or info.image_size,
+    )
+
+
+def simulation_state_dir(cfg: StudyConfig, site_id: str) -> Path:
+    return Path(cfg.out_dir).resolve() / "sites" / site_id / "state"
+
+
+def resolve_site(node_config: Mapping[str, Any], cfg: StudyConfig) -> SiteRuntime:
+    """Build the site's runtime from the node config (simulation or deployment)."""
+    if PARTITION_ID in node_config:
+        return _simulated_site(cfg, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))
+    site = _deployed_site_config(node_config)
+    info, data = _deployed_site_data(site, cfg.seed)
+    return SiteRuntime(site.site_id, info, data, Path(site.state_dir))
+
+
+def _simulated_site(cfg: StudyConfig, partition_id: int, num_partitions: int) -> SiteRuntime:
+    from medfed.common.data.federated import load_federated_cached
+
+    if num_partitions != cfg.num_sites:
+        raise ConfigError(
+            f"the simulation has {num_partitions} nodes but num-sites={cfg.num_sites}: "
+            "make them equal"
+        )
+    fed = load_federated_cached(
+        cfg.dataset, cfg.data_path, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed
+    )
+    data = fed.sites[partition_id]
+    return SiteRuntime(data.site_id, fed.info, data, simulation_state_dir(cfg, data.site_id))
+
+
+def _deployed_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
+    if NODE_SITE_CONFIG in node_config and node_config[NODE_SITE_CONFIG]:
+        site = load_site_config(str(node_config[NODE_SITE_CONFIG]))
+        # The node config may name the site itself; it must agree with the file.
+        if "site-id" in node_config and node_config["site-id"] != site.site_id:
+            raise ConfigError(
+                f"node config site-id={node_config['site-id']!r} disagrees with "
+                f"{node_config[NODE_SITE_CONFIG]} (site-id={site.site_id!r})"
+            )
+        return site
+    missing = [k for k in NODE_SITE_KEYS if k not in node_config]
+    if missing:
+        raise ConfigError(
+            f"this SuperNode's node config lacks {', '.join(missing)}: start it with "
+            "'medfed site start --config site.yaml'"
+        )
+    mapping = {k: v for k, v in node_config.items() if k != NODE_SITE_CONFIG}
+    return parse_site_config(mapping)
+
+
+def _deployed_site_data(site: SiteConfig, seed: int) -> tuple[DatasetInfo, SiteData]:
+    return _site_data_cached(site, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _site_data_cached(site: SiteConfig, seed: int) -> tuple[DatasetInfo, SiteData]:
+    from medfed.common.data.federated import load_federated_cached
+    from medfed.common.data.medmnist import load_medmnist_cached
+    from medfed.common.data.partition import partition_splits
+
+    if site.dataset == "synthetic":
+        fed = load_federated_cached("synthetic", "", site.shard_count, "iid", 1.0, seed)
+        shard = fed.sites[site.shard_index]
+        return fed.info, SiteData(site.site_id, shard.train, shard.val, shard.test)
+    info, train, val, test = load_medmnist_cached(site.data_file_path)
+    if site.shard_count > 1:
+        # A demo site holding one shard of a public file; shards are fixed (seed 0).
+        train, val, test = partition_splits(train, val, test, site.shard_count, "iid", 1.0, 0)[
+            site.shard_index
+        ]
+    return info, SiteData(site.site_id, train, val, test)

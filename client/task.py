@@ -1,0 +1,111 @@
+"""The site's side of a round, as pure functions the ClientApp handlers call.
+
+``train_round`` and ``evaluate_round`` take the study config, the site runtime, the
+global arrays and the server's config values, and return plain results; they know
+nothing of Messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from medfed.client.site_data import SiteRuntime, model_spec
+from medfed.client.site_state import load_local_layers, save_local_layers
+from medfed.common.arrays import arrays_to_state_dict, load_arrays, model_to_arrays
+from medfed.common.config import StudyConfig
+from medfed.common.constants import NUM_HIST_BINS, SPLITS, ConfigKey, MetricKey
+from medfed.common.models import build_model, norm_parameter_names
+from medfed.common.training import TrainSettings, derive_seed, evaluate, resolve_device, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    arrays: ArrayRecord
+    metrics: dict[str, float]
+
+
+def _prepare_model(cfg: StudyConfig, site: SiteRuntime, arrays: ArrayRecord, fedbn: bool):
+    import torch
+
+    spec = model_spec(cfg, site.info)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec)
+    local_keys = norm_parameter_names(model) if fedbn else frozenset()
+    load_arrays(model, arrays, allow_missing=local_keys)
+    if fedbn:
+        local = load_local_layers(site.state_dir)
+        if local is not None:
+            model.load_state_dict(local, strict=False)
+    return model, local_keys
+
+
+def train_round(
+    cfg: StudyConfig, site: SiteRuntime, arrays: ArrayRecord, config: Mapping[str, Any]
+) -> TrainReply:
+    """Load the global model, train locally for one round, return the update."""
+    server_round = int(config.get(ConfigKey.SERVER_ROUND.value, 0))
+    fedbn = bool(config.get(ConfigKey.FEDBN.value, False))
+    mu = float(config.get(ConfigKey.PROXIMAL_MU.value, 0.0))
+    model, local_keys = _prepare_model(cfg, site, arrays, fedbn)
+    device = resolve_device(cfg.device)
+    settings = TrainSettings.from_study(
+        cfg, seed=derive_seed(cfg.seed, server_round, site.site_id), proximal_mu=mu
+    )
+    global_params = arrays_to_state_dict(arrays) if mu > 0 else None
+    result = train(model, site.data.train, settings, device, global_params=global_params)
+    model.cpu()
+    if fedbn:
+        state = model.state_dict()
+        save_local_layers(site.state_dir, {k: state[k] for k in local_keys})
+    log.info(
+        "site %s round %d: trained %d steps on %d samples, loss %.4f (%.1fs)",
+        site.site_id, server_round, result.steps, result.num_examples, result.loss, result.seconds,
+    )
+    return TrainReply(
+        arrays=model_to_arrays(model, exclude=local_keys),
+        metrics={
+            MetricKey.NUM_EXAMPLES.value: float(result.num_examples),
+            MetricKey.TRAIN_LOSS.value: result.loss,
+            MetricKey.TRAIN_STEPS.value: float(result.steps),
+            MetricKey.TRAIN_SECONDS.value: result.seconds,
+        },
+    )
+
+
+def evaluate_round(
+    cfg: StudyConfig, site: SiteRuntime, arrays: ArrayRecord, config: Mapping[str, Any]
+) -> dict[str, float | list[float]]:
+    """Evaluate the global model on the site's validation and test data (never training data).
+
+    Returns per-split metrics prefixed ``val-``/``test-``, the validation score
+    histograms (binary tasks; counts only, no per-image values) and ``num-examples``
+    (validation samples, the weight for averaging).
+    """
+    from medfed.common.metrics import score_histograms
+
+    fedbn = bool(config.get(ConfigKey.FEDBN.value, False))
+    threshold = config.get("threshold")
+    model, _ = _prepare_model(cfg, site, arrays, fedbn)
+    device = resolve_device(cfg.device)
+    out: dict[str, float | list[float]] = {}
+    for split_name in SPLITS:
+        split = getattr(site.data, split_name)
+        metrics, probs = evaluate(
+            model, split, device, threshold=None if threshold is None else float(threshold)
+        )
+        for key, value in metrics.items():
+            out[f"{split_name}-{key}"] = float(value)
+        if split_name == "val" and probs.ndim == 2 and probs.shape[1] == 2 and len(split):
+            pos, neg = score_histograms(split.labels, probs[:, 1], bins=NUM_HIST_BINS)
+            out[MetricKey.VAL_HIST_POS.value] = [float(v) for v in np.asarray(pos)]
+            out[MetricKey.VAL_HIST_NEG.value] = [float(v) for v in np.asarray(neg)]
+    out[MetricKey.NUM_EXAMPLES.value] = float(len(site.data.val))
+    return out

@@ -1,0 +1,249 @@
+"""The ``medfed`` command line.
+
+Exit codes: 0 success; 2 usage or config error (one line naming the problem); 1 any
+other failure (one line). Each subcommand imports its heavy modules only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from medfed.common.errors import ConfigError, MedfedError
+
+log = logging.getLogger("medfed.cli")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(EXIT_USAGE, f"medfed: error: {message} (see '{self.prog} --help')\n")
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- simulate
+_SIM_FLAGS: dict[str, str] = {
+    "sites": "num-sites",
+    "partition": "partition",
+    "alpha": "alpha",
+    "strategy": "strategy",
+    "rounds": "num-server-rounds",
+    "local_epochs": "local-epochs",
+    "local_steps": "local-steps",
+    "batch_size": "batch-size",
+    "lr": "lr",
+    "optimizer": "optimizer",
+    "model": "model",
+    "mode": "mode",
+    "seed": "seed",
+    "min_sites": "min-sites",
+    "fraction_train": "fraction-train",
+    "proximal_mu": "proximal-mu",
+    "selection": "selection",
+    "device": "device",
+}
+
+
+def _add_simulate(sub: Any) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run a federated study on Flower's simulation engine (synthetic data by default)",
+        description="Split a dataset into sites and run a study: federated (Flower simulation "
+        "engine), centralized (pooled data) or local (each site alone), same data and budget.",
+    )
+    p.add_argument("--config", help="study YAML (flat kebab-case keys, as in [tool.flwr.app.config])")
+    p.add_argument("--data", help="MedMNIST .npz file (default: the built-in synthetic dataset)")
+    p.add_argument("--sites", type=int, help="number of sites (default 4)")
+    p.add_argument("--partition", help="iid or dirichlet (label skew)")
+    p.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller = more skew)")
+    p.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, "
+                   "fedtrimmedavg, krum, multikrum, bulyan, qfedavg, fedbn")
+    p.add_argument("--rounds", type=int, help="federated rounds (default 5)")
+    p.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
+    p.add_argument("--local-steps", type=int, help="fixed local optimizer steps per round (overrides epochs)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", help="adam or sgd")
+    p.add_argument("--model", help="cnn (default), densenet121, resnet18")
+    p.add_argument("--mode", help="federated (default), centralized or local")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--min-sites", type=int)
+    p.add_argument("--fraction-train", type=float)
+    p.add_argument("--proximal-mu", type=float)
+    p.add_argument("--selection", help="val-auc (default: best round on validation) or last")
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
+    p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
+    p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
+    p.set_defaults(func=cmd_simulate)
+
+
+def study_from_args(args: argparse.Namespace) -> Any:
+    from medfed.common.config import load_study_config, parse_study_config
+
+    overrides: dict[str, Any] = {}
+    for attr, key in _SIM_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[key] = value
+    if args.data:
+        overrides["dataset"] = "medmnist"
+        overrides["data-path"] = str(Path(args.data).resolve())
+    if args.resume:
+        overrides["resume"] = str(Path(args.resume).resolve())
+    if args.out:
+        overrides["out-dir"] = str(Path(args.out).resolve())
+    elif args.resume:
+        overrides["out-dir"] = str(Path(args.resume).resolve().parent.parent)
+    if args.config:
+        cfg = load_study_config(args.config, overrides)
+    else:
+        cfg = parse_study_config(overrides)
+    if not args.out and not args.resume and not (args.config and "out-dir" in _yaml_keys(args.config)):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg = cfg.replace(out_dir=str(Path("runs", f"{cfg.mode}-{stamp}").resolve()))
+    if cfg.data_path:
+        cfg = cfg.replace(data_path=str(Path(cfg.data_path).resolve()))
+    return cfg
+
+
+def _yaml_keys(path: str) -> set[str]:
+    from medfed.common.config import load_yaml_mapping
+
+    return set(load_yaml_mapping(path))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from medfed.common.data.federated import load_federated_cached
+    from medfed.server.report import format_site_table
+
+    cfg = study_from_args(args)
+    # Load the data once up front: a missing or corrupt file fails here, before any
+    # run directory, checkpoint or Ray process exists.
+    fed = load_federated_cached(cfg.dataset, cfg.data_path, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed)
+    log.info("study: %s on %s, %d sites (%s), mode %s, %d rounds -> %s", cfg.strategy, fed.info.name,
+             cfg.num_sites, ", ".join(str(len(s.train)) for s in fed.sites), cfg.mode,
+             cfg.num_server_rounds, cfg.out_dir)
+    if cfg.mode == "federated":
+        from medfed.simulations.engine import run_on_simulation_engine
+        from medfed.server.report import read_summary
+
+        run_on_simulation_engine(cfg)
+        summary_path = Path(cfg.out_dir) / "summary.json"
+        if not summary_path.is_file():
+            raise MedfedError(f"the simulation ended without writing {summary_path}: see the log above")
+        summary = read_summary(cfg.out_dir)
+    else:
+        from medfed.simulations.baselines import run_baseline
+
+        summary = run_baseline(cfg)
+    _out(format_site_table(summary))
+    _out(f"run directory: {cfg.out_dir}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- report / data
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="write report.md (with plots) for a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medfed.server.report import write_report
+
+    try:
+        path = write_report(Path(args.run_dir))
+    except FileNotFoundError as exc:
+        raise MedfedError(str(exc)) from exc
+    _out(str(path))
+    return EXIT_OK
+
+
+def _add_data(sub: Any) -> None:
+    p = sub.add_parser("data", help="datasets")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
+    f = dsub.add_parser("fetch", help="download an official MedMNIST file (md5 checked)")
+    f.add_argument("name", help="MedMNIST subset, e.g. pneumoniamnist")
+    f.add_argument("--dest", default="data", help="folder to write NAME.npz into (default ./data)")
+    f.add_argument("--size", type=int, default=28, help="image size: 28, 64, 128 or 224")
+    f.set_defaults(func=cmd_data_fetch)
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from medfed.common.data.fetch import fetch_medmnist
+
+    _out(str(fetch_medmnist(args.name, Path(args.dest), size=args.size)))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- deployment
+def _add_deployment(sub: Any) -> None:
+    from medfed.client import daemon
+    from medfed.common import certs
+    from medfed.server import deploy, submit
+
+    server = sub.add_parser("server", help="the coordinator: SuperLink")
+    ssub = server.add_subparsers(dest="server_cmd", required=True, parser_class=_Parser)
+    deploy.add_server_arguments(ssub)
+
+    site = sub.add_parser("site", help="a hospital site: SuperNode")
+    sitesub = site.add_subparsers(dest="site_cmd", required=True, parser_class=_Parser)
+    daemon.add_site_arguments(sitesub)
+
+    run = sub.add_parser("run", help="submit a study to a running server (deployment)")
+    submit.add_run_arguments(run)
+
+    c = sub.add_parser("certs", help="create a CA, the server certificate and per-site keys")
+    certs.add_certs_arguments(c)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="medfed",
+        description="Federated learning across hospital sites: simulation, server and site daemons.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_simulate(sub)
+    _add_report(sub)
+    _add_data(sub)
+    _add_deployment(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from medfed.common.logs import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or EXIT_OK)
+    except ConfigError as exc:
+        sys.stderr.write(f"medfed: config error: {exc}\n")
+        return EXIT_USAGE
+    except MedfedError as exc:
+        sys.stderr.write(f"medfed: error: {exc}\n")
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        sys.stderr.write("medfed: interrupted\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for users
+        log.debug("unhandled error", exc_info=True)
+        sys.stderr.write(f"medfed: error: {type(exc).__name__}: {exc} (rerun with -v for details)\n")
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Record, config and metric keys exchanged between the ServerApp and the ClientApp.
+
+One place for every key: handlers and the server loop import these, never literals.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class RecordKey(str, Enum):
+    """Top-level keys of a Message's RecordDict."""
+
+    ARRAYS = "arrays"
+    CONFIG = "config"
+    METRICS = "metrics"
+    SITE = "site"
+
+
+class ConfigKey(str, Enum):
+    """Keys of the ConfigRecord the server sends with each message."""
+
+    SERVER_ROUND = "server-round"  # set by Flower's strategies
+    PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+    LOCAL_EPOCHS = "local-epochs"
+    LOCAL_STEPS = "local-steps"
+    LR = "lr"
+    FEDBN = "fedbn"
+    RUN_SEED = "seed"
+
+
+class SiteKey(str, Enum):
+    """Keys of the ConfigRecord a site attaches to its reply."""
+
+    SITE_ID = "site-id"
+    STATUS = "status"
+
+
+class MetricKey(str, Enum):
+    """Metric names in replies and run outputs."""
+
+    NUM_EXAMPLES = "num-examples"  # FedAvg weight: training samples, never batches
+    TRAIN_LOSS = "train-loss"
+    TRAIN_STEPS = "train-steps"
+    TRAIN_SECONDS = "train-s"
+    LOSS = "loss"
+    AUC = "auc"
+    ACCURACY = "accuracy"
+    BALANCED_ACCURACY = "balanced-accuracy"
+    SENSITIVITY = "sensitivity"
+    SPECIFICITY = "specificity"
+    VAL_HIST_POS = "val-hist-pos"
+    VAL_HIST_NEG = "val-hist-neg"
+
+
+NUM_HIST_BINS = 100
+"""Score-histogram bins a site sends for pooled validation AUC and threshold choice."""
+
+SPLITS = ("val", "test")
+"""Splits a site evaluates the global model on; never the training split."""

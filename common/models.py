@@ -1,0 +1,135 @@
+"""Classifier registry: a small GroupNorm CNN (CPU default) and MONAI classifiers.
+
+Every model is free of BatchNorm (GroupNorm instead), so Opacus can wrap it, and is
+described by a :class:`ModelSpec` that checkpoints store, so a checkpoint can rebuild
+its model without any code or class name coming from the file. MONAI is imported only
+when a MONAI model is asked for (it costs seconds per ClientApp process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from medfed.common.config import MODELS
+from medfed.common.errors import ConfigError
+
+NORM_TYPES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model: stored in every checkpoint."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ConfigError(f"model={self.name!r} is not allowed: choose one of {', '.join(MODELS)}")
+        for key in ("in_channels", "num_classes", "image_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model {key}={getattr(self, key)} must be >= 1")
+        if self.num_classes < 2:
+            raise ConfigError(f"model num_classes={self.num_classes}: a classifier needs >= 2 classes")
+
+    def to_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks with GroupNorm, global average pooling and a linear head."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 64)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, c_out in enumerate(widths):
+            layers += [
+                nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+                nn.GroupNorm(_groups(c_out), c_out),
+                nn.ReLU(),
+            ]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _cnn(spec: ModelSpec) -> nn.Module:
+    return SmallCNN(spec.in_channels, spec.num_classes)
+
+
+def _densenet121(spec: ModelSpec) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    # inplace=False: Opacus' per-sample gradient hooks break on in-place activations.
+    return DenseNet121(
+        spatial_dims=2,
+        in_channels=spec.in_channels,
+        out_channels=spec.num_classes,
+        act=("relu", {"inplace": False}),
+        norm=("group", {"num_groups": 8}),
+    )
+
+
+def _resnet18(spec: ModelSpec) -> nn.Module:
+    from monai.networks.nets import resnet18
+
+    return resnet18(
+        spatial_dims=2,
+        n_input_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        act=("relu", {"inplace": False}),
+        norm=("group", {"num_groups": 8}),
+    )
+
+
+_BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {
+    "cnn": _cnn,
+    "densenet121": _densenet121,
+    "resnet18": _resnet18,
+}
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the model named in ``spec`` from the fixed registry."""
+    return _BUILDERS[spec.name](spec)
+
+
+def norm_parameter_names(model: nn.Module) -> frozenset[str]:
+    """Names (state_dict keys) of the normalisation layers' parameters, for FedBN."""
+    names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            for p_name, _ in module.named_parameters(recurse=False):
+                names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return frozenset(names)
+
+
+def strip_wrapper_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (Opacus ``_module.``, DataParallel ``module.``) from keys."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("_module.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out

@@ -1,0 +1,183 @@
+"""The one local training loop and evaluation, shared by simulation, deployment and baselines.
+
+Pure functions of (model, data, settings): no Flower, no files. The ClientApp, the
+centralized/local baselines and the benchmarks all call exactly these.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.common.config import StudyConfig
+from medfed.common.data.splits import ImageSplit
+from medfed.common.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training settings for one round at one site."""
+
+    epochs: int = 1
+    steps: int = 0  # > 0: a fixed number of optimizer steps instead of epochs
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx: (mu/2)·||w - w_global||² added to the loss
+    seed: int = 0
+
+    @classmethod
+    def from_study(cls, cfg: StudyConfig, seed: int, proximal_mu: float = 0.0) -> TrainSettings:
+        return cls(
+            epochs=cfg.local_epochs,
+            steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            optimizer=cfg.optimizer,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            proximal_mu=proximal_mu,
+            seed=seed,
+        )
+
+    def num_steps(self, num_samples: int) -> int:
+        """Optimizer steps this round takes on ``num_samples`` training samples."""
+        if self.steps > 0:
+            return self.steps
+        return self.epochs * math.ceil(num_samples / self.batch_size)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the round's steps
+    steps: int
+    num_examples: int  # training samples at the site (the FedAvg weight)
+    seconds: float
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was asked for but no CUDA device is available: use auto or cpu")
+    return torch.device(name)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 31-bit seed from parts (run seed, round, site id), same in every process."""
+    import hashlib
+
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Yield ``steps`` index batches, reshuffling at each pass over the data."""
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            if done == steps:
+                return
+            yield perm[start : start + batch_size]
+            done += 1
+
+
+def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def train(
+    model: nn.Module,
+    data: ImageSplit,
+    settings: TrainSettings,
+    device: torch.device,
+    global_params: Mapping[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` for one round; returns loss, steps and samples."""
+    n = len(data)
+    if n == 0:
+        raise DataError("this site has no training samples: check its data file and split")
+    t0 = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    images = torch.from_numpy(data.images)
+    labels = torch.from_numpy(data.labels)
+    model.to(device).train()
+    opt = _optimizer(model, settings)
+    loss_fn = nn.CrossEntropyLoss()
+    prox = None
+    if settings.proximal_mu > 0 and global_params is not None:
+        named = dict(model.named_parameters())
+        prox = [(named[k], global_params[k].to(device)) for k in named if k in global_params]
+    steps = settings.num_steps(n)
+    total = 0.0
+    for idx in _batches(n, settings.batch_size, steps, gen):
+        x = images[idx].to(device, non_blocking=True)
+        y = labels[idx].to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if prox:
+            penalty = sum(torch.sum((w - w0) ** 2) for w, w0 in prox)
+            loss = loss + 0.5 * settings.proximal_mu * penalty
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    if not math.isfinite(total):
+        raise FloatingPointError("training loss is not finite: lower the learning rate (lr)")
+    return TrainResult(
+        loss=total / max(steps, 1), steps=steps, num_examples=n, seconds=time.perf_counter() - t0
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: ImageSplit, device: torch.device, batch_size: int = 256
+) -> tuple[np.ndarray, float]:
+    """Class probabilities (N, C) on concatenated batches and the mean cross-entropy."""
+    model.to(device).eval()
+    probs, loss_sum = [], 0.0
+    images = torch.from_numpy(data.images)
+    labels = torch.from_numpy(data.labels)
+    for start in range(0, len(data), batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
+        logits = model(x)
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    if not probs:
+        return np.zeros((0, 0), dtype=np.float32), float("nan")
+    return np.concatenate(probs), loss_sum / len(data)
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageSplit,
+    device: torch.device,
+    threshold: float | None = None,
+    batch_size: int = 256,
+) -> tuple[dict[str, float], np.ndarray]:
+    """Loss, accuracy, balanced accuracy, AUC, sensitivity, specificity, and the probabilities."""
+    from medfed.common.metrics import classification_metrics
+
+    probs, loss = predict(model, data, device, batch_size)
+    if len(data) == 0:
+        return {"loss": float("nan"), "num-examples": 0.0}, probs
+    metrics = classification_metrics(data.labels, probs, threshold=threshold)
+    metrics["loss"] = loss
+    return metrics, probs

@@ -1,0 +1,258 @@
+"""The federated study loop, run by the ServerApp in simulation and in deployment alike.
+
+Each round calls the Flower strategy's own ``configure_train``/``aggregate_train`` and
+``configure_evaluate`` hooks; around them this loop screens replies, keeps per-site
+metrics, pools validation histograms to choose the reported round and threshold,
+evaluates the global model centrally when the server has test data, and writes a
+checkpoint and a metrics line after every round so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from medfed.common.arrays import arrays_to_state_dict
+from medfed.common.checkpoint import Checkpoint, load_checkpoint
+from medfed.common.config import StudyConfig
+from medfed.common.constants import ConfigKey, MetricKey
+from medfed.common.errors import ConfigError
+from medfed.common.models import ModelSpec
+from medfed.common.training import derive_seed
+from medfed.server.central import CentralData, evaluate_arrays, load_central
+from medfed.server.recorder import RunRecorder
+from medfed.server.replies import Failure, screen_evaluate_replies, screen_train_replies
+from medfed.server.selection import Selection, pool_validation
+from medfed.server.strategies import FedBN, build_strategy, restore_strategy_state, strategy_state
+
+log = logging.getLogger(__name__)
+
+# Keys of the study config that a resumed run must share with the checkpoint.
+RESUME_INVARIANTS = ("dataset", "data-path", "num-sites", "partition", "alpha", "seed", "model", "strategy")
+
+
+@dataclass
+class _State:
+    arrays: ArrayRecord
+    best_arrays: ArrayRecord
+    selection: Selection
+    start_round: int
+    last_sites: dict[str, dict[str, Any]]
+
+
+def _bytes(messages: list[Message]) -> int:
+    total = 0
+    for msg in messages:
+        if msg.has_content():
+            total += sum(rec.count_bytes() for rec in msg.content.values())
+    return total
+
+
+def model_spec_for(cfg: StudyConfig, central: CentralData | None) -> ModelSpec:
+    if central is not None:
+        info = central.info
+        return ModelSpec(cfg.model, cfg.in_channels or info.in_channels,
+                         cfg.num_classes or info.num_classes, cfg.image_size or info.image_size)
+    if not (cfg.in_channels and cfg.num_classes and cfg.image_size):
+        raise ConfigError(
+            "the server has no data to size the model: set in-channels, num-classes and "
+            "image-size in the run config, or a data-path that exists on the server"
+        )
+    return ModelSpec(cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size)
+
+
+def _initial_state(cfg: StudyConfig, spec: ModelSpec, strategy: Strategy, recorder: RunRecorder) -> _State:
+    import torch
+
+    from medfed.common.arrays import model_to_arrays
+    from medfed.common.models import build_model
+
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        _check_resume(cfg, spec, ckpt)
+        arrays = ArrayRecord(ckpt.state_dict)
+        best = ArrayRecord(ckpt.best_state_dict) if ckpt.best_state_dict else arrays
+        restore_strategy_state(strategy, {k: {n: t.numpy() for n, t in v.items()} for k, v in ckpt.strategy_state.items()})
+        recorder.truncate_after(ckpt.round)
+        log.info("resuming from %s: round %d done, continuing at round %d", cfg.resume, ckpt.round, ckpt.round + 1)
+        return _State(arrays, best, Selection.from_dict(ckpt.selection), ckpt.round + 1,
+                      dict(ckpt.metrics.get("sites", {})))
+    torch.manual_seed(cfg.seed)
+    arrays = model_to_arrays(build_model(spec))
+    recorder.reset()
+    return _State(arrays, arrays, Selection(rule=cfg.selection), 1, {})
+
+
+def _check_resume(cfg: StudyConfig, spec: ModelSpec, ckpt: Checkpoint) -> None:
+    if ckpt.model != spec:
+        raise ConfigError(f"{cfg.resume}: checkpoint model {ckpt.model} differs from this study's {spec}")
+    now = cfg.to_dict()
+    changed = [k for k in RESUME_INVARIANTS if k in ckpt.config and ckpt.config[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"{cfg.resume}: cannot resume with changed {', '.join(changed)} "
+            f"(checkpoint has {', '.join(f'{k}={ckpt.config[k]!r}' for k in changed)})"
+        )
+    if ckpt.round >= cfg.num_server_rounds:
+        raise ConfigError(
+            f"{cfg.resume}: checkpoint is at round {ckpt.round}, the study has "
+            f"num-server-rounds={cfg.num_server_rounds}: raise num-server-rounds to continue"
+        )
+
+
+def _site_rows(train_ok: list[Message], evals: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    from medfed.server.replies import site_of
+
+    rows: dict[str, dict[str, Any]] = {}
+    for msg in train_ok:
+        m = msg.content["metrics"]
+        rows.setdefault(site_of(msg) or "?", {}).update(
+            {k: float(m[k]) for k in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value,
+                                      MetricKey.TRAIN_STEPS.value, MetricKey.TRAIN_SECONDS.value) if k in m}
+        )
+    for site, metrics in evals.items():
+        row = rows.setdefault(site, {})
+        for key, value in metrics.items():
+            if isinstance(value, list):
+                continue  # histograms are pooled, not reported per site
+            row["val-examples" if key == MetricKey.NUM_EXAMPLES.value else key] = value
+    return dict(sorted(rows.items()))
+
+
+def _central_test(spec: ModelSpec, arrays: ArrayRecord, central: CentralData | None,
+                  cfg: StudyConfig, threshold: float | None) -> dict[str, float]:
+    if central is None or central.test is None:
+        return {}
+    return evaluate_arrays(spec, arrays, central.test, cfg.device, threshold)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
+
+
+def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
+    """Run the whole study on ``grid``; returns the summary written to summary.json."""
+    t_start = time.perf_counter()
+    recorder = RunRecorder(cfg.out_dir)
+    central = load_central(cfg)
+    spec = model_spec_for(cfg, central)
+    num_sites = cfg.num_sites
+    strategy = build_strategy(cfg, num_sites)
+    fedbn = isinstance(strategy, FedBN)
+    st = _initial_state(cfg, spec, strategy, recorder)
+    base_config = {ConfigKey.RUN_SEED.value: cfg.seed}
+
+    for rnd in range(st.start_round, cfg.num_server_rounds + 1):
+        t_round = time.perf_counter()
+        random.seed(derive_seed(cfg.seed, "sampling", rnd))  # Flower samples with `random`
+        train_msgs = list(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+        t0 = time.perf_counter()
+        train_replies = list(grid.send_and_receive(train_msgs, timeout=cfg.round_timeout))
+        train_s = time.perf_counter() - t0
+        train_ok, failures = screen_train_replies(train_replies, st.arrays, allow_subset=fedbn)
+        agg_metrics = None
+        if train_ok:
+            new_arrays, agg_metrics = strategy.aggregate_train(rnd, train_ok)
+            if new_arrays is not None:
+                st.arrays = new_arrays
+        else:
+            log.warning("round %d: no site trained successfully; the global model is unchanged", rnd)
+
+        eval_msgs = list(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+        t0 = time.perf_counter()
+        eval_replies = list(grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
+        eval_s = time.perf_counter() - t0
+        per_site_eval, eval_failures = screen_evaluate_replies(eval_replies)
+        pooled = pool_validation(per_site_eval)
+        if st.selection.consider(rnd, pooled):
+            st.best_arrays = st.arrays
+        test_metrics = _central_test(spec, st.arrays, central, cfg, pooled.threshold)
+        sites = _site_rows(train_ok, per_site_eval)
+        st.last_sites = sites
+        record = {
+            "round": rnd,
+            "time": {"round-s": time.perf_counter() - t_round, "train-s": train_s, "evaluate-s": eval_s},
+            "bytes": {"sent": _bytes(train_msgs) + _bytes(eval_msgs),
+                      "received": _bytes(train_replies) + _bytes(eval_replies)},
+            "train": dict(agg_metrics) if agg_metrics is not None else {},
+            "val": pooled.metrics,
+            "test": test_metrics,
+            "sites": sites,
+            "failures": [f.to_dict() for f in failures + eval_failures],
+            "selected": st.selection.best_round == rnd,
+        }
+        recorder.append_round(record)
+        recorder.save_round_checkpoint(
+            Checkpoint(
+                model=spec,
+                state_dict=arrays_to_state_dict(st.arrays),
+                config=cfg.to_dict(),
+                round=rnd,
+                metrics={"sites": sites, "val": pooled.metrics, "test": test_metrics},
+                strategy_state=_tensor_state(strategy),
+                selection=st.selection.to_dict(),
+                best_state_dict=arrays_to_state_dict(st.best_arrays),
+            )
+        )
+        log.info(
+            "round %d/%d: val auc %s | test auc %s acc %s | %d/%d sites trained | %.1fs",
+            rnd, cfg.num_server_rounds, _fmt(pooled.auc), _fmt(test_metrics.get("auc")),
+            _fmt(test_metrics.get("accuracy")), len(train_ok), len(train_msgs), record["time"]["round-s"],
+        )
+
+    return _finish(grid, cfg, strategy, spec, central, recorder, st, time.perf_counter() - t_start)
+
+
+def _tensor_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
+    import torch
+
+    return {k: {n: torch.from_numpy(a.copy()) for n, a in v.items()} for k, v in strategy_state(strategy).items()}
+
+
+def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, central: CentralData | None,
+            recorder: RunRecorder, st: _State, wall_s: float) -> dict[str, Any]:
+    """Evaluate the selected model at every site and centrally with the chosen threshold."""
+    sel = st.selection
+    final_cfg: dict[str, Any] = {ConfigKey.RUN_SEED.value: cfg.seed}
+    if sel.threshold is not None:
+        final_cfg["threshold"] = sel.threshold
+    msgs = list(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), grid))
+    per_site, failures = screen_evaluate_replies(list(grid.send_and_receive(msgs, timeout=cfg.round_timeout)))
+    sites = _site_rows([], per_site)
+    for site, row in sites.items():
+        for key in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value):
+            if key in st.last_sites.get(site, {}):
+                row[key] = st.last_sites[site][key]
+    summary = {
+        "mode": "federated",
+        "strategy": cfg.strategy,
+        "rounds": cfg.num_server_rounds,
+        "selected-round": sel.best_round,
+        "selection": sel.rule,
+        "selection-note": "round and threshold chosen on pooled validation histograms; test data never used to choose",
+        "threshold": sel.threshold,
+        "test": _central_test(spec, st.best_arrays, central, cfg, sel.threshold),
+        "final-round-test": _central_test(spec, st.arrays, central, cfg, sel.threshold),
+        "sites": sites,
+        "failures": [f.to_dict() for f in failures],
+        "model": spec.to_dict(),
+        "config": cfg.to_dict(),
+        "dataset": {"name": central.info.name if central else cfg.dataset, "num-sites": cfg.num_sites},
+        "wall-s": wall_s,
+    }
+    recorder.save_model(
+        Checkpoint(model=spec, state_dict=arrays_to_state_dict(st.best_arrays), config=cfg.to_dict(),
+                   round=sel.best_round, metrics={"test": summary["test"], "threshold": sel.threshold},
+                   selection=sel.to_dict())
+    )
+    recorder.write_summary(summary)
+    recorder.write_report()
+    return summary

@@ -1,0 +1,109 @@
+"""Screening of site replies before aggregation: a bad site is data, not a crash.
+
+Error replies, replies without the expected records, and updates with NaN/Inf or with
+keys, shapes or dtypes that differ from the global model are logged with the site and
+excluded; the rest are sorted by site id so aggregation order, and hence the result,
+does not depend on arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from medfed.common.constants import MetricKey, RecordKey, SiteKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Failure:
+    site: str | None
+    node: int
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"site": self.site, "node": self.node, "reason": self.reason}
+
+
+def site_of(msg: Message) -> str | None:
+    if not msg.has_content():
+        return None
+    rec = msg.content.get(RecordKey.SITE.value)
+    return None if rec is None else str(rec.get(SiteKey.SITE_ID.value))
+
+
+def _check_update(msg: Message, reference: ArrayRecord, allow_subset: bool) -> str | None:
+    content = msg.content
+    arrays = content.get(RecordKey.ARRAYS.value)
+    metrics = content.get(RecordKey.METRICS.value)
+    if not isinstance(arrays, ArrayRecord) or metrics is None:
+        return "reply lacks the 'arrays' or 'metrics' record"
+    weight = metrics.get(MetricKey.NUM_EXAMPLES.value)
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        return f"num-examples={weight!r} is not a positive number"
+    extra = set(arrays) - set(reference)
+    missing = set(reference) - set(arrays)
+    if extra or (missing and not allow_subset):
+        return f"update keys differ from the global model (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})"
+    for key, arr in arrays.items():
+        ref = reference[key]
+        if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
+            return f"array {key!r} is {arr.dtype}{tuple(arr.shape)}, expected {ref.dtype}{tuple(ref.shape)}"
+        if not np.all(np.isfinite(arr.numpy())):
+            return f"array {key!r} contains NaN or Inf"
+    return None
+
+
+def screen_train_replies(
+    replies: list[Message], reference: ArrayRecord, allow_subset: bool = False
+) -> tuple[list[Message], list[Failure]]:
+    """Valid training replies (sorted by site id) and the failures."""
+    good: list[tuple[str, Message]] = []
+    failures: list[Failure] = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            failures.append(Failure(None, node, msg.error.reason or f"error code {msg.error.code}"))
+            continue
+        site = site_of(msg)
+        problem = _check_update(msg, reference, allow_subset)
+        if site is None:
+            problem = problem or "reply carries no site id"
+        if problem:
+            failures.append(Failure(site, node, problem))
+            continue
+        good.append((site or "", msg))
+    if allow_subset and good:
+        keys = {frozenset(m.content[RecordKey.ARRAYS.value].keys()) for _, m in good}
+        if len(keys) > 1:
+            failures += [Failure(s, m.metadata.src_node_id, "sites sent different key sets") for s, m in good]
+            good = []
+    for f in failures:
+        log.warning("excluded reply from site %s (node %s): %s", f.site, f.node, f.reason)
+    good.sort(key=lambda pair: pair[0])
+    return [m for _, m in good], failures
+
+
+def screen_evaluate_replies(replies: list[Message]) -> tuple[dict[str, dict], list[Failure]]:
+    """Per-site evaluation metrics (site id -> metrics) and the failures."""
+    per_site: dict[str, dict] = {}
+    failures: list[Failure] = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            failures.append(Failure(None, node, msg.error.reason or f"error code {msg.error.code}"))
+            continue
+        site = site_of(msg)
+        metrics = msg.content.get(RecordKey.METRICS.value)
+        if site is None or metrics is None:
+            failures.append(Failure(site, node, "evaluation reply lacks site id or metrics"))
+            continue
+        per_site[site] = dict(metrics)
+    for f in failures:
+        log.warning("evaluation from site %s (node %s) failed: %s", f.site, f.node, f.reason)
+    return dict(sorted(per_site.items())), failures

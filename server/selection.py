@@ -1,0 +1,102 @@
+"""Choice of the reported model and its decision threshold, on validation data only.
+
+Sites send validation score histograms (counts, no per-image values); the server pools
+them into a validation AUC per round and a threshold that maximises balanced accuracy
+(Youden's J). The test split is never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medfed.common.constants import MetricKey
+
+
+@dataclass
+class PooledValidation:
+    auc: float
+    threshold: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def pool_validation(per_site: dict[str, dict]) -> PooledValidation:
+    """Pooled validation metrics of one round from per-site evaluation replies."""
+    from medfed.common.metrics import (
+        auc_from_histograms,
+        best_threshold_from_histograms,
+        metrics_at_threshold_from_histograms,
+        pool_histograms,
+    )
+
+    hists = [
+        (np.asarray(m[MetricKey.VAL_HIST_POS.value]), np.asarray(m[MetricKey.VAL_HIST_NEG.value]))
+        for m in per_site.values()
+        if MetricKey.VAL_HIST_POS.value in m
+    ]
+    weights = {s: float(m.get(MetricKey.NUM_EXAMPLES.value, 0.0)) for s, m in per_site.items()}
+    averaged = _weighted_means(per_site, weights, prefix="val-")
+    if hists:
+        pos, neg = pool_histograms(hists)
+        if pos.sum() > 0 and neg.sum() > 0:
+            auc = float(auc_from_histograms(pos, neg))
+            threshold = float(best_threshold_from_histograms(pos, neg))
+            metrics = {"auc": auc, "threshold": threshold}
+            metrics.update(metrics_at_threshold_from_histograms(pos, neg, threshold))
+            metrics["loss"] = averaged.get("loss", float("nan"))
+            return PooledValidation(auc, threshold, metrics)
+    auc = averaged.get("auc", float("nan"))
+    return PooledValidation(auc, None, averaged)
+
+
+def _weighted_means(per_site: dict[str, dict], weights: dict[str, float], prefix: str) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    for site, metrics in per_site.items():
+        w = weights.get(site, 0.0)
+        for key, value in metrics.items():
+            if not key.startswith(prefix) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            name = key[len(prefix):]
+            sums[name] = sums.get(name, 0.0) + w * float(value)
+            totals[name] = totals.get(name, 0.0) + w
+    return {k: sums[k] / totals[k] for k in sums if totals[k] > 0}
+
+
+@dataclass
+class Selection:
+    """Best round so far by pooled validation AUC (or simply the last round)."""
+
+    rule: str = "val-auc"
+    best_round: int = 0
+    best_score: float = -math.inf
+    threshold: float | None = None
+
+    def consider(self, server_round: int, pooled: PooledValidation) -> bool:
+        """Take this round if it is better; returns True when it was taken."""
+        score = pooled.auc if math.isfinite(pooled.auc) else -math.inf
+        if self.rule == "last" or self.best_round == 0 or score > self.best_score:
+            self.best_round, self.best_score, self.threshold = server_round, score, pooled.threshold
+            return True
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "best-round": self.best_round,
+            "best-score": self.best_score if math.isfinite(self.best_score) else None,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Selection:
+        score = d.get("best-score")
+        return cls(
+            rule=str(d.get("rule", "val-auc")),
+            best_round=int(d.get("best-round", 0)),
+            best_score=-math.inf if score is None else float(score),
+            threshold=None if d.get("threshold") is None else float(d["threshold"]),
+        )
