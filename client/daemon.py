@@ -14,6 +14,7 @@ The SuperNode runs with ``cwd=STATE_DIR`` and ``FLWR_HOME=STATE_DIR/flwr-home``.
 
 from __future__ import annotations
 
+import logging
 import re
 import stat
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medfed.common.errors import ConfigError
+from medfed.common.errors import ConfigError, MedfedError
 from medfed.server.deploy import (
     DEFAULT_SUPERLINK_PORT,
     FLWR_HOME_DIR,
@@ -31,11 +32,14 @@ from medfed.server.deploy import (
     start_process_group,
     wait_for_port,
 )
-from medfed.server.submit import flower_executable, parse_server_address
+from medfed.server.submit import check_reachable, flower_executable, parse_server_address
 
 if TYPE_CHECKING:
     import argparse
     import subprocess
+
+
+log = logging.getLogger(__name__)
 
 
 class NodeConfigKey(str, Enum):
@@ -142,7 +146,9 @@ def supernode_command(
 
     TLS is the default: the SuperLink certificate is checked against ``root-cert`` (the
     ``ca.crt`` from ``medfed certs``; without it, the system CAs). ``auth-key`` is the
-    site's private key for SuperNode authentication.
+    site's private key for SuperNode authentication. ``insecure=True`` (asked for on the
+    command line) drops both site.yaml settings with a warning; passing them explicitly
+    together with ``insecure`` is an error.
     """
     address = server or site_cfg.server
     parse_server_address(address)
@@ -153,12 +159,13 @@ def supernode_command(
         raise ConfigError(f"ClientApp runtime port {runtime_port} must be between 1 and 65535")
     cmd = [flower_executable("flower-supernode"), "--superlink", address]
     if insecure:
-        conflicts = [name for name, value in (("root-cert", cert), ("auth-key", key)) if value]
+        conflicts = [name for name, value in (("--root-cert", root_cert), ("--auth-key", auth_key)) if value]
         if conflicts:
-            raise ConfigError(
-                f"--insecure turns TLS off but {' and '.join(conflicts)} is set (site.yaml or flags); "
-                "remove it for an insecure test, or drop --insecure"
-            )
+            raise ConfigError(f"--insecure turns TLS off but {' and '.join(conflicts)} was given: drop one of them")
+        ignored = [name for name, value in (("root-cert", cert), ("auth-key", key)) if value]
+        if ignored:
+            log.warning("--insecure: ignoring %s from %s", " and ".join(ignored), site_cfg.site_config)
+        cert = key = None
         cmd.append("--insecure")
     elif cert is not None:
         if not cert.is_file():
@@ -202,6 +209,25 @@ def start_supernode(
     return proc
 
 
+def wait_until_reachable(server: str, timeout: float) -> None:
+    """Retry a TCP connect to the server for ``timeout`` seconds; one clear error after that.
+
+    Flower's SuperNode would retry forever in silence; a site operator starting the
+    daemon wants to know at once that the server address or the network is wrong.
+    """
+    import time
+
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        try:
+            check_reachable(server)
+            return
+        except MedfedError as exc:
+            if time.monotonic() >= deadline:
+                raise MedfedError(f"{exc} (gave up after {timeout:.0f} s; see --connect-timeout)") from None
+        time.sleep(1.0)
+
+
 def add_site_arguments(subparsers: Any) -> None:
     """``medfed site start`` on the ``site`` command's subparsers."""
     start = subparsers.add_parser("start", help="run this site's SuperNode (TLS unless --insecure)")
@@ -217,15 +243,19 @@ def add_site_start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root-cert", type=Path, default=None, help="CA certificate (ca.crt) of the server")
     parser.add_argument("--auth-key", type=Path, default=None, help="the site's private key (<site-id>.key)")
     parser.add_argument("--clientappio-port", type=int, default=None, help="local ClientApp runtime port (default: site.yaml, else a free port)")
+    parser.add_argument("--connect-timeout", type=float, default=30.0,
+                        help="seconds to wait for the server to accept connections before giving up (default 30)")
 
 
 def cmd_site_start(args: argparse.Namespace) -> int:
     """Run ``medfed site start`` in the foreground until Ctrl-C / SIGTERM."""
     cfg = load_site_yaml(args.config)
+    wait_until_reachable(args.server or cfg.server, args.connect_timeout)
     proc = start_supernode(
         cfg, server=args.server, insecure=args.insecure, root_cert=args.root_cert,
         auth_key=args.auth_key, port=args.clientappio_port,
     )
     mode = "insecure, no TLS" if args.insecure else "TLS"
-    print(f"site {cfg.site_id}: SuperNode started ({mode}) towards {args.server or cfg.server}; state in {cfg.state_dir}", flush=True)
+    log.info("site %s: SuperNode started (%s) towards %s; state in %s",
+             cfg.site_id, mode, args.server or cfg.server, cfg.state_dir)
     return run_in_foreground(proc)

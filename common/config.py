@@ -76,7 +76,6 @@ class StudyConfig:
     strategy: str = "fedavg"
     num_server_rounds: int = 5
     fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
     min_sites: int = 2
     round_timeout: float = 600.0
     proximal_mu: float = 0.01
@@ -112,7 +111,6 @@ class StudyConfig:
         _check_range("weight-decay", self.weight_decay, 0.0, 1.0)
         _check_range("num-server-rounds", self.num_server_rounds, 1, 100000)
         _check_range("fraction-train", self.fraction_train, 0.0, 1.0)
-        _check_range("fraction-evaluate", self.fraction_evaluate, 0.0, 1.0)
         _check_range("min-sites", self.min_sites, 1, 1000)
         _check_range("round-timeout", self.round_timeout, 1.0, 7 * 86400.0)
         _check_range("proximal-mu", self.proximal_mu, 0.0, 100.0)

@@ -17,6 +17,7 @@ from torch import nn
 from medfed.common.config import MODELS
 from medfed.common.errors import ConfigError
 
+DENSENET_MIN_SIZE = 32
 NORM_TYPES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
 
 
@@ -81,13 +82,17 @@ def _densenet121(spec: ModelSpec) -> nn.Module:
     from monai.networks.nets import DenseNet121
 
     # inplace=False: Opacus' per-sample gradient hooks break on in-place activations.
-    return DenseNet121(
+    net = DenseNet121(
         spatial_dims=2,
         in_channels=spec.in_channels,
         out_channels=spec.num_classes,
         act=("relu", {"inplace": False}),
         norm=("group", {"num_groups": 8}),
     )
+    if spec.image_size < DENSENET_MIN_SIZE:
+        # DenseNet downsamples 32x: smaller images (MedMNIST's 28 px) are upsampled first.
+        return nn.Sequential(nn.Upsample(size=DENSENET_MIN_SIZE, mode="bilinear"), net)
+    return net
 
 
 def _resnet18(spec: ModelSpec) -> nn.Module:
@@ -110,8 +115,24 @@ _BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Build the model named in ``spec`` from the fixed registry."""
-    return _BUILDERS[spec.name](spec)
+    """Build the model named in ``spec`` from the fixed registry (BatchNorm-free)."""
+    return replace_batchnorm(_BUILDERS[spec.name](spec))
+
+
+def replace_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm for an affine GroupNorm, in place (what Opacus' fix does).
+
+    Some MONAI blocks hard-code BatchNorm whatever ``norm`` says (ResNet's residual
+    blocks); BatchNorm mixes samples in a batch and keeps running statistics of private
+    data, so neither DP-SGD nor FedBN-free sharing may use it. Done here without
+    importing Opacus, which costs seconds per ClientApp process.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.GroupNorm(_groups(child.num_features), child.num_features))
+        else:
+            replace_batchnorm(child)
+    return module
 
 
 def norm_parameter_names(model: nn.Module) -> frozenset[str]:

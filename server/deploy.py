@@ -86,7 +86,7 @@ class ServerDeployConfig:
     @property
     def address(self) -> str:
         """The address clients dial when they run on this host."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
 
@@ -259,15 +259,23 @@ def _log_tail(log_path: str | Path | None, lines: int = 5) -> str:
     return f" (see {log_path}; last lines: {' | '.join(t.strip() for t in tail)})"
 
 
-def _descendants(pid: int) -> list[int]:
-    """All descendants of ``pid`` (Linux /proc), including those in other sessions."""
-    children: dict[int, list[int]] = {}
+def _proc_table() -> dict[int, tuple[int, int, str, int]]:
+    """pid -> (ppid, pgid, state, start time) for every process (Linux /proc)."""
+    table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[0], int(fields[19]))
         except (OSError, IndexError, ValueError):
             continue
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendants of ``pid``, including those that left its session (Flower's SuperExec)."""
+    children: dict[int, list[int]] = {}
+    for child, (ppid, *_rest) in _proc_table().items():
+        children.setdefault(ppid, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -276,33 +284,40 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    entry = _proc_table().get(pid)
+    return entry is not None and entry[2] != "Z"
+
+
 def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group of ``proc`` (and any descendant that left it); SIGKILL after ``timeout``."""
-    others = _descendants(proc.pid)
+    """SIGTERM the process group of ``proc``, wait, then SIGKILL what is left of it.
+
+    Descendants that left the group (Flower starts its SuperExec in a new session) are
+    remembered with their start time first, so only those very processes are killed.
+    """
+    table = _proc_table()
+    others = {pid: table[pid][3] for pid in descendants(proc.pid) if pid in table}
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
+
+    def _left() -> list[int]:
+        now = _proc_table()
+        return [pid for pid, start in others.items() if pid in now and now[pid][3] == start and now[pid][2] != "Z"]
+
     deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline and any(_alive(p) for p in others):
+    while _left() and time.monotonic() < deadline:
         time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for pid in others:
+    if any(pgid == proc.pid for _ppid, pgid, _state, _start in _proc_table().values()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for pid in _left():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def run_in_foreground(proc: subprocess.Popen[bytes]) -> int:

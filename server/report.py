@@ -209,6 +209,7 @@ def plot_site_metrics(rounds: list[dict[str, Any]], metric: str, out_png: Path, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +222,7 @@ def plot_site_metrics(rounds: list[dict[str, Any]], metric: str, out_png: Path, 
         xs, ys, label = _global_series(rounds, metric)
         if ys:
             ax.plot(xs, ys, linestyle="--", marker="s", color="black", linewidth=2.0, label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(metric)
         ax.set_title(title or f"{metric} by round")

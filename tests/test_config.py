@@ -27,8 +27,12 @@ def test_pyproject_run_config_parses():
     from pathlib import Path
 
     data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    cfg = parse_study_config(data["tool"]["flwr"]["app"]["config"])
+    run_config = data["tool"]["flwr"]["app"]["config"]
+    cfg = parse_study_config(run_config)
     assert cfg.strategy in STRATEGIES
+    # `flwr run .` must study exactly what `medfed simulate` studies by default
+    assert cfg.replace(out_dir=StudyConfig().out_dir) == StudyConfig()
+    assert set(run_config) == set(StudyConfig().to_dict())
 
 
 @pytest.mark.parametrize(

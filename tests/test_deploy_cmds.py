@@ -173,13 +173,18 @@ def test_supernode_command_tls_auth_and_node_config(tmp_path: Path, certs: Path)
     assert (_flag(override, "--superlink"), _flag(override, "--port")) == ("10.0.0.9:1234", "9400")
 
 
-def test_supernode_insecure_is_explicit_and_conflicts_with_tls_files(tmp_path: Path, certs: Path) -> None:
+def test_supernode_insecure_is_explicit_and_overrides_yaml_tls(tmp_path: Path, certs: Path, caplog) -> None:
     plain = load_site_yaml(_site_yaml(tmp_path, "site-id: s1\ndata-root: d\nstate-dir: s\n"))
     assert "--insecure" not in supernode_command(plain, port=9300)  # TLS with the system CAs
     cmd = supernode_command(plain, insecure=True, port=9300)
     assert "--insecure" in cmd and "--root-certificates" not in cmd
-    with pytest.raises(ConfigError, match="--insecure turns TLS off but root-cert"):
+    with pytest.raises(ConfigError, match="--insecure turns TLS off but --root-cert was given"):
         supernode_command(plain, insecure=True, root_cert=certs / "ca.crt", port=9300)
+    tls = load_site_yaml(_site_yaml(tmp_path, f"site-id: s1\ndata-root: d\nstate-dir: s\nroot-cert: {certs / 'ca.crt'}\n"))
+    with caplog.at_level("WARNING"):
+        cmd = supernode_command(tls, insecure=True, port=9300)
+    assert "--insecure" in cmd and "--root-certificates" not in cmd
+    assert "ignoring root-cert" in caplog.text
 
 
 def test_supernode_missing_or_open_key_files(tmp_path: Path) -> None:
@@ -316,3 +321,33 @@ def test_commands_are_shell_safe(tmp_path: Path) -> None:
     cfg = load_site_yaml(_site_yaml(tmp_path, "site-id: a\ndata-root: d\nstate-dir: s\n"))
     cmd = supernode_command(cfg, insecure=True, port=9300)
     assert shlex.split(shlex.join(cmd)) == cmd
+
+
+# -- process helpers -----------------------------------------------------------------------
+
+
+def test_stop_process_group_reaches_children_that_left_the_session(tmp_path: Path) -> None:
+    from medfed.server.deploy import descendants, is_alive, start_process_group, stop_process_group
+
+    # the second sleep starts its own session, like Flower's SuperExec; the shell ignores SIGTERM
+    script = "trap '' TERM; sleep 60 & setsid sleep 60 & wait"
+    proc = start_process_group(["/bin/sh", "-c", script], cwd=tmp_path)
+    deadline = time.monotonic() + 5
+    while len(descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = descendants(proc.pid)
+    assert len(children) >= 2
+    start = time.monotonic()
+    stop_process_group(proc, timeout=0.5)
+    assert time.monotonic() - start < 8
+    assert proc.poll() is not None
+    assert not [pid for pid in children if is_alive(pid)]
+
+
+def test_wait_for_port_reports_early_exit_with_log_tail(tmp_path: Path) -> None:
+    from medfed.server.deploy import start_process_group, wait_for_port
+
+    log = tmp_path / "x.log"
+    proc = start_process_group(["/bin/sh", "-c", "echo boom-reason; exit 3"], cwd=tmp_path, log_path=log)
+    with pytest.raises(MedfedError, match="exited with code 3.*boom-reason"):
+        wait_for_port("127.0.0.1", free_port(), proc, 10, "thing", log)

@@ -1,12 +1,17 @@
 """Seeded synthetic chest-like images for offline runs and tests, with known ground truth.
 
 Each image is a smooth background with two dark "lung" ellipses and low-frequency
-anatomical texture. Label 1 (disease) adds a blurred bright opacity of amplitude
-``disease_signal`` (times a per-image factor in 0.6..1.0) at a random place in one lung.
+anatomical texture. Label 1 (disease) adds a blurred bright opacity (Gaussian, sigma 2-3.5 px
+at 28 px) of amplitude ``0.7 * disease_signal`` (times a per-image factor in 0.6..1.0) at a
+random place in one lung. With the defaults a small CNN reaches a pooled test AUC of about
+0.9-0.98 within 2 epochs; lower ``disease_signal`` makes the task harder.
 
-Sites differ the way hospitals do: acquisition ``site_contrast`` and ``site_noise``,
-disease prevalence (``0.5 ± label_skew``, spread over the sites), size (decreasing:
-600, 400, 267, 178, ... never below 100) and the fraction of group 1 (``group_fraction``).
+Sites differ the way hospitals do: acquisition contrast around mid-grey (default 0.7..1.2,
+in the order low, high, 2nd lowest, ... so it is not monotone in the site index), additive
+noise (default std 0.03..0.12, increasing with the site index), disease prevalence
+(``0.5 + label_skew * linspace(-1, 1)``: 0.2, 0.4, 0.6, 0.8 for 4 sites), size (decreasing:
+600, 400, 267, 178, ... never below 100) and the fraction of group 1 (``group_fraction``,
+default 0.7 down to 0.3).
 Every image has a demographic group (``sex``: 0 = female, 1 = male), independent of the
 label within a site; ``group_contrast[g]`` scales the lesion amplitude of group ``g``, so
 a bias study knows which subgroup is truly harder. Each site is split 70/10/20 into
@@ -24,9 +29,8 @@ from medfed.common.data.partition import stratified_split
 from medfed.common.data.splits import DatasetInfo, FederatedData, ImageSplit, SiteData
 from medfed.common.errors import ConfigError
 
-__all__ = ["SYNTHETIC_INFO_NAME", "default_site_sizes", "make_synthetic"]
+__all__ = ["default_site_sizes", "make_synthetic"]
 
-SYNTHETIC_INFO_NAME = "synthetic"
 _SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 _MIN_SITE_SIZE = 20
 
@@ -65,7 +69,7 @@ def make_synthetic(
         tr, va, te = stratified_split(labels, _SPLIT_FRACTIONS, int(rng.integers(2**31)))
         sites.append(SiteData(f"site-{k}", split.subset(tr), split.subset(va), split.subset(te)))
     info = DatasetInfo(
-        name=SYNTHETIC_INFO_NAME,
+        name="synthetic",
         num_classes=2,
         in_channels=1,
         image_size=image_size,
@@ -87,6 +91,17 @@ def make_synthetic(
 def _spread(k: int) -> np.ndarray:
     """``k`` values from -1 to 1 (0 for a single site)."""
     return np.linspace(-1.0, 1.0, k) if k > 1 else np.zeros(1)
+
+
+def _zigzag(low: float, high: float, k: int) -> np.ndarray:
+    """``k`` evenly spaced values from ``low`` to ``high``, ordered low, high, 2nd, 2nd-last, ...
+
+    Used for the default site contrast so that it is not monotone in the site index like
+    prevalence and noise are (which would confound label and acquisition across sites).
+    """
+    values = np.linspace(low, high, k)
+    order = [i // 2 if i % 2 == 0 else k - 1 - i // 2 for i in range(k)]
+    return values[order]
 
 
 def _labels_and_groups(
@@ -112,55 +127,55 @@ def _render(
     group_contrast: np.ndarray,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Noise-free images (N, 1, S, S) before the site's acquisition model."""
+    """Noise-free images (N, 1, S, S) before the site's acquisition model (float32)."""
     n = len(labels)
     axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    yy, xx = axis[None, :, None], axis[None, None, :]
+
+    def normal(scale: float, loc: float = 0.0) -> np.ndarray:  # per-image (N, 1, 1) float32
+        return (loc + scale * rng.standard_normal((n, 1, 1))).astype(np.float32)
 
     # background: brightness, a vertical gradient, and low-frequency texture
-    img = 0.62 + 0.04 * rng.standard_normal((n, 1, 1)) + 0.06 * yy
-    img = img + 0.06 * _smooth_field(n, size, rng)
-    # two dark lungs, jittered per image
-    lung_masks = []
+    img = normal(0.04, 0.62) + np.float32(0.06) * axis[None, :, None]
+    img = img + np.float32(0.04) * _smooth_field(n, size, rng)
+    # two dark lungs (ellipses), jittered per image; lungs[side] = (cx, cy, rx, ry)
+    lungs = []
     for side in (-1.0, 1.0):
-        cx = side * 0.42 + 0.04 * rng.standard_normal((n, 1, 1))
-        cy = -0.05 + 0.05 * rng.standard_normal((n, 1, 1))
-        rx = 0.30 * (1 + 0.08 * rng.standard_normal((n, 1, 1)))
-        ry = 0.62 * (1 + 0.08 * rng.standard_normal((n, 1, 1)))
-        d2 = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2
-        lung_masks.append((cx, cy, rx, ry))
-        img = img - 0.32 * _soft_step(d2)
+        cx, cy = normal(0.04, side * 0.42), normal(0.05, -0.05)
+        rx, ry = normal(0.024, 0.30), normal(0.05, 0.62)
+        d2 = ((axis[None, None, :] - cx) / rx) ** 2 + ((axis[None, :, None] - cy) / ry) ** 2
+        img -= np.float32(0.32) * _soft_step(d2)
+        lungs.append(np.stack([a[:, 0, 0] for a in (cx, cy, rx, ry)]))
 
     # disease: a blurred opacity at a random place inside one lung
-    sick = labels == 1
     side = rng.integers(0, 2, n)
-    cx = np.where(side == 0, lung_masks[0][0][:, 0, 0], lung_masks[1][0][:, 0, 0])
-    cy = np.where(side == 0, lung_masks[0][1][:, 0, 0], lung_masks[1][1][:, 0, 0])
-    rx = np.where(side == 0, lung_masks[0][2][:, 0, 0], lung_masks[1][2][:, 0, 0])
-    ry = np.where(side == 0, lung_masks[0][3][:, 0, 0], lung_masks[1][3][:, 0, 0])
+    cx, cy, rx, ry = np.where(side == 0, lungs[0], lungs[1])
     r = 0.6 * np.sqrt(rng.random(n))
     t = rng.uniform(0, 2 * np.pi, n)
     lx, ly = cx + r * rx * np.cos(t), cy + r * ry * np.sin(t)
-    sigma = rng.uniform(0.10, 0.20, n)
-    amp = 0.40 * signal * group_contrast[groups] * rng.uniform(0.6, 1.0, n) * sick
-    blob = np.exp(
-        -((xx - lx[:, None, None]) ** 2 + (yy - ly[:, None, None]) ** 2)
-        / (2 * sigma[:, None, None] ** 2)
-    )
-    img = img + amp[:, None, None] * blob
-    return img.astype(np.float32)[:, None]
+    sigma = rng.uniform(0.15, 0.25, n)
+    amp = 0.7 * signal * group_contrast[groups] * rng.uniform(0.6, 1.0, n) * (labels == 1)
+    gx = np.exp(-((axis[None, :] - lx[:, None]) ** 2) / (2 * sigma[:, None] ** 2))
+    gy = np.exp(-((axis[None, :] - ly[:, None]) ** 2) / (2 * sigma[:, None] ** 2))
+    blob = (amp[:, None] * gy)[:, :, None] * gx[:, None, :]  # separable Gaussian
+    img += blob.astype(np.float32)
+    return img[:, None]
 
 
-def _acquire(images: np.ndarray, contrast: float, noise: float, rng: np.random.Generator) -> np.ndarray:
+def _acquire(
+    images: np.ndarray, contrast: float, noise: float, rng: np.random.Generator
+) -> np.ndarray:
     """Site acquisition: contrast around mid-grey, additive Gaussian noise, clip to [0, 1]."""
-    out = 0.5 + contrast * (images - 0.5)
-    out += noise * rng.standard_normal(images.shape, dtype=np.float32)
-    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+    out = images - np.float32(0.5)
+    out *= np.float32(contrast)
+    out += np.float32(0.5)
+    out += np.float32(noise) * rng.standard_normal(images.shape, dtype=np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _soft_step(d2: np.ndarray) -> np.ndarray:
     """1 inside an ellipse (d2 < 1), 0 outside, with a smooth edge."""
-    return 1.0 / (1.0 + np.exp((d2 - 1.0) * 8.0))
+    z = np.minimum((d2 - np.float32(1.0)) * np.float32(8.0), np.float32(60.0))  # no overflow
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(z))
 
 
 def _smooth_field(n: int, size: int, rng: np.random.Generator, coarse: int = 5) -> np.ndarray:
@@ -172,7 +187,7 @@ def _smooth_field(n: int, size: int, rng: np.random.Generator, coarse: int = 5) 
     up = np.zeros((size, coarse), np.float32)  # interpolation matrix
     up[np.arange(size), lo] = 1 - w
     up[np.arange(size), lo + 1] = w
-    return np.einsum("ia,nab,jb->nij", up, grid, up, optimize=True)
+    return np.matmul(np.matmul(up, grid), up.T)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -209,7 +224,8 @@ def _check_args(
         problems.append(
             f"label_skew={label_skew} is out of range: allowed 0..0.45 (prevalence 0.5 ± skew)"
         )
-    contrast = _per_site("site_contrast", site_contrast, np.linspace(0.7, 1.2, num_sites),
+    default_contrast = _zigzag(0.7, 1.2, num_sites) if num_sites > 1 else np.ones(1)
+    contrast = _per_site("site_contrast", site_contrast, default_contrast,
                          num_sites, 0.05, 5.0, problems)
     noise = _per_site("site_noise", site_noise, np.linspace(0.03, 0.12, num_sites),
                       num_sites, 0.0, 1.0, problems)
@@ -223,8 +239,6 @@ def _check_args(
         )
     if problems:
         raise ConfigError("make_synthetic: " + "; ".join(problems))
-    if num_sites == 1 and site_contrast is None:
-        contrast = np.ones(1)
     return sizes, contrast, noise, gfrac, gcon
 
 
