@@ -68,7 +68,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller = more skew)")
     p.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, "
                    "fedtrimmedavg, krum, multikrum, bulyan, qfedavg, fedbn")
-    p.add_argument("--rounds", type=int, help="federated rounds (default 5)")
+    p.add_argument("--rounds", type=int, help="federated rounds (default 10)")
     p.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
     p.add_argument("--local-steps", type=int, help="fixed local optimizer steps per round (overrides epochs)")
     p.add_argument("--batch-size", type=int)
@@ -227,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # Flower's per-message INFO lines drown medfed's per-round progress
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or EXIT_OK)

@@ -74,7 +74,7 @@ class StudyConfig:
     # federation
     mode: str = "federated"
     strategy: str = "fedavg"
-    num_server_rounds: int = 5
+    num_server_rounds: int = 10
     fraction_train: float = 1.0
     min_sites: int = 2
     round_timeout: float = 600.0

@@ -186,18 +186,12 @@ def _error_text(text: str | None) -> str:
     return " ".join(kept)
 
 
-def default_app_dir() -> Path:
-    """The folder holding medfed's ``pyproject.toml`` with ``[tool.flwr.app.components]``."""
-    import medfed.common
+def default_app(dest: Path) -> Path:
+    """The installed medfed app: components + default run config (code is installed at both ends)."""
+    from medfed.common.config import StudyConfig
+    from medfed.common.flwr_app import write_flower_app
 
-    start = Path(medfed.common.__file__).resolve().parent
-    for folder in [start, *list(start.parents)[:3]]:
-        if _is_flower_app(folder):
-            return folder
-    raise ConfigError(
-        "cannot find the medfed app folder (a pyproject.toml with [tool.flwr.app.components]) "
-        "next to the installed package; pass --app DIR"
-    )
+    return write_flower_app(dest, StudyConfig().to_dict())
 
 
 def _is_flower_app(folder: Path) -> bool:
@@ -273,10 +267,12 @@ def submit_run(
     ``run_config`` uses Flower's syntax (``"num-server-rounds=2 out-dir='runs/x'"``).
     ``timeout`` bounds the wait for the run to finish (None: no bound).
     """
-    app = Path(app_dir) if app_dir else default_app_dir()
     with flower_cli_home(server, insecure=insecure, root_cert=root_cert) as home:
         check_reachable(server)
-        staged = stage_app(app, home / "app")
+        if app_dir:
+            staged = stage_app(Path(app_dir), home / "app")
+        else:
+            staged = default_app(home / "app")
         args = ["run", str(staged), CONNECTION, "--format", "json"]
         if run_config:
             args += ["--run-config", run_config]

@@ -24,40 +24,11 @@ log = logging.getLogger(__name__)
 APP_DIR_NAME = ".flwr-app"
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
 def write_app_dir(cfg: StudyConfig, run_dir: Path) -> Path:
     """A minimal Flower app directory whose run config is this study's config."""
-    app_dir = run_dir / APP_DIR_NAME
-    app_dir.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
-        "[project]",
-        'name = "medfed-study"',
-        'version = "1.0.0"',
-        "",
-        "[tool.flwr.app]",
-        'publisher = "medfed"',
-        "",
-        "[tool.flwr.app.components]",
-        'serverapp = "medfed.server.app:app"',
-        'clientapp = "medfed.client.app:app"',
-        "",
-        "[tool.flwr.app.config]",
-    ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in cfg.to_dict().items()]
-    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return app_dir
+    from medfed.common.flwr_app import write_flower_app
+
+    return write_flower_app(run_dir / APP_DIR_NAME, cfg.to_dict())
 
 
 def backend_config(num_sites: int) -> dict[str, Any]:
