@@ -15,24 +15,25 @@ The SuperNode runs with ``cwd=STATE_DIR`` and ``FLWR_HOME=STATE_DIR/flwr-home``.
 from __future__ import annotations
 
 import logging
-import re
 import stat
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medfed.common.constants import NodeConfigKey
 from medfed.common.errors import ConfigError, MedfedError
-from medfed.server.deploy import (
-    DEFAULT_SUPERLINK_PORT,
-    FLWR_HOME_DIR,
-    READY_TIMEOUT_S,
+from medfed.common.process import (
     free_port,
     run_in_foreground,
     start_process_group,
     wait_for_port,
 )
-from medfed.server.submit import check_reachable, flower_executable, parse_server_address
+from medfed.server.deploy import DEFAULT_SUPERLINK_PORT, FLWR_HOME_DIR, READY_TIMEOUT_S
+from medfed.server.submit import (
+    check_reachable,
+    flower_executable,
+    parse_server_address,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -42,23 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class NodeConfigKey(str, Enum):
-    """Keys of the SuperNode node config the medfed ClientApp reads."""
-
-    SITE_ID = "site-id"
-    DATA_ROOT = "data-root"
-    SITE_CONFIG = "site-config"
-    STATE_DIR = "state-dir"
-
-
-SITE_YAML_KEYS = (
-    "site-id", "data-root", "dataset", "data-file", "task", "state-dir", "server",
-    "root-cert", "auth-key", "shard-index", "shard-count", "clientappio-port",
-)
-REQUIRED_SITE_YAML_KEYS = ("site-id", "data-root", "state-dir")
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_SUPERLINK_PORT}"
 RUNTIME_HOST = "127.0.0.1"
-_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -76,46 +62,28 @@ class SiteDaemonConfig:
 
 
 def load_site_yaml(path: str | Path) -> SiteDaemonConfig:
-    """Parse site.yaml; relative paths are resolved against the file's folder.
+    """Parse site.yaml once with the shared :func:`medfed.common.config.load_site_config`.
 
-    Every key of the site.yaml format is accepted (the ClientApp reads the data keys);
-    unknown keys are errors naming the key and the allowed keys.
+    Relative paths are resolved against the file's folder; unknown keys and bad values
+    are errors naming the file, the key and the allowed values.
     """
-    from medfed.common.config import load_yaml_mapping
+    from medfed.common.config import load_site_config
 
     p = Path(path).resolve()
-    mapping = load_yaml_mapping(p)
-    unknown = sorted(set(mapping) - set(SITE_YAML_KEYS))
-    if unknown:
-        raise ConfigError(f"{p}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(SITE_YAML_KEYS)}")
-    missing = [k for k in REQUIRED_SITE_YAML_KEYS if mapping.get(k) in (None, "")]
-    if missing:
-        raise ConfigError(f"{p}: missing required key(s) {', '.join(missing)}")
-    site_id = str(mapping["site-id"])
-    if not _SITE_ID.match(site_id):
-        raise ConfigError(f"{p}: site-id={site_id!r} is not allowed: use letters, digits, '-', '_' or '.'")
-    server = str(mapping.get("server") or DEFAULT_SERVER)
+    site = load_site_config(p)
     try:
-        parse_server_address(server)
+        parse_server_address(site.server)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
-    port = mapping.get("clientappio-port", 0)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"{p}: clientappio-port={port!r} must be a whole number from 0 (pick a free port) to 65535")
-
-    def _path(key: str) -> Path | None:
-        value = mapping.get(key)
-        return (p.parent / str(value)).resolve() if value not in (None, "") else None
-
     return SiteDaemonConfig(
-        site_id=site_id,
-        data_root=_path("data-root"),  # type: ignore[arg-type]  # required above
-        state_dir=_path("state-dir"),  # type: ignore[arg-type]
+        site_id=site.site_id,
+        data_root=Path(site.data_root),
+        state_dir=Path(site.state_dir),
         site_config=p,
-        server=server,
-        root_cert=_path("root-cert"),
-        auth_key=_path("auth-key"),
-        clientappio_port=port,
+        server=site.server,
+        root_cert=Path(site.root_cert) if site.root_cert else None,
+        auth_key=Path(site.auth_key) if site.auth_key else None,
+        clientappio_port=site.clientappio_port,
     )
 
 
@@ -193,6 +161,7 @@ def start_supernode(
     *,
     log_path: str | Path | None = None,
     ready_timeout: float = READY_TIMEOUT_S,
+    env: dict[str, str] | None = None,
     **overrides: Any,
 ) -> subprocess.Popen[bytes]:
     """Start the SuperNode in its own session; return once its runtime port listens.
@@ -204,7 +173,8 @@ def start_supernode(
     cmd = supernode_command(site_cfg, port=port, **overrides)
     state = site_cfg.state_dir
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    proc = start_process_group(cmd, cwd=state, env={"FLWR_HOME": str(state / FLWR_HOME_DIR)}, log_path=log_path)
+    full_env = {"FLWR_HOME": str(state / FLWR_HOME_DIR), **(env or {})}
+    proc = start_process_group(cmd, cwd=state, env=full_env, log_path=log_path)
     wait_for_port(RUNTIME_HOST, port, proc, ready_timeout, f"SuperNode for {site_cfg.site_id}", log_path)
     return proc
 

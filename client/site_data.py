@@ -15,15 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.common.config import SiteConfig, StudyConfig, load_site_config, parse_site_config
+from medfed.common.config import (
+    SiteConfig,
+    StudyConfig,
+    load_site_config,
+    parse_site_config,
+)
+from medfed.common.constants import NodeConfigKey
 from medfed.common.data.splits import DatasetInfo, SiteData
 from medfed.common.errors import ConfigError
 from medfed.common.models import ModelSpec
 
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
-NODE_SITE_CONFIG = "site-config"
-NODE_SITE_KEYS = ("site-id", "data-root", "state-dir")
+PARTITION_ID = NodeConfigKey.PARTITION_ID.value
+NUM_PARTITIONS = NodeConfigKey.NUM_PARTITIONS.value
+NODE_SITE_CONFIG = NodeConfigKey.SITE_CONFIG.value
+NODE_SITE_KEYS = tuple(k.value for k in (NodeConfigKey.SITE_ID, NodeConfigKey.DATA_ROOT, NodeConfigKey.STATE_DIR))
 
 
 @dataclass(frozen=True)

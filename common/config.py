@@ -235,7 +235,7 @@ class SiteConfig:
     site_id: str
     data_root: str
     state_dir: str
-    dataset: str = "medmnist"
+    dataset: str = "medmnist"  # required in site.yaml: a site never trains on a default
     data_file: str = ""
     task: str = "classification"
     shard_index: int = 0
@@ -284,7 +284,7 @@ class SiteConfig:
 
 def parse_site_config(mapping: Mapping[str, Any]) -> SiteConfig:
     """Parse a site mapping (site.yaml or node config)."""
-    for required in ("site-id", "data-root", "state-dir"):
+    for required in ("site-id", "data-root", "state-dir", "dataset"):
         if required not in mapping:
             raise ConfigError(f"site config is missing required key {required!r}")
     return _parse_dataclass(SiteConfig, mapping, "site config")

@@ -36,6 +36,18 @@ class SiteKey(str, Enum):
     STATUS = "status"
 
 
+class NodeConfigKey(str, Enum):
+    """Keys of a deployed SuperNode's node config (set by ``medfed site start``)."""
+
+    SITE_ID = "site-id"
+    DATA_ROOT = "data-root"
+    SITE_CONFIG = "site-config"
+    STATE_DIR = "state-dir"
+    # Set by Flower's simulation engine instead:
+    PARTITION_ID = "partition-id"
+    NUM_PARTITIONS = "num-partitions"
+
+
 class MetricKey(str, Enum):
     """Metric names in replies and run outputs."""
 

@@ -22,19 +22,14 @@ tree) are shared with ``medfed.client.daemon`` and the deployment tests.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
 import subprocess
-import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from medfed.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY
-from medfed.common.errors import ConfigError, MedfedError
+from medfed.common.errors import ConfigError
+from medfed.common.process import run_in_foreground, start_process_group, wait_for_port
 from medfed.server.submit import (
     CONNECTION,
     check_reachable,
@@ -53,7 +48,6 @@ DEFAULT_SUPERLINK_PORT = 9092
 DATABASE_FILE = "superlink.db"
 FLWR_HOME_DIR = "flwr-home"
 READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 SERVER_YAML_KEYS = ("state-dir", "certs", "host", "port", "enable-site-auth")
 
 
@@ -195,146 +189,6 @@ def register_site(
 
 
 # -- process helpers ---------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def start_process_group(
-    cmd: Sequence[str],
-    *,
-    cwd: str | Path,
-    env: Mapping[str, str] | None = None,
-    log_path: str | Path | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` as the leader of a new session; output to ``log_path`` (appended) or inherited.
-
-    The folder of ``cmd[0]`` goes first on PATH: Flower's SuperLink and SuperNode start
-    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by bare name.
-    """
-    path = os.pathsep.join([str(Path(cmd[0]).parent), os.environ.get("PATH", "")])
-    full_env = {**os.environ, "PATH": path, "FLWR_DISABLE_UPDATE_CHECK": "1", **(env or {})}
-    out: IO[Any] | None = None
-    if log_path is not None:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        out = open(log_path, "ab")  # noqa: SIM115 - the child keeps the descriptor
-    try:
-        return subprocess.Popen(
-            list(cmd), cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-            stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
-        )
-    finally:
-        if out is not None:
-            out.close()
-
-
-def wait_for_port(
-    host: str,
-    port: int,
-    proc: subprocess.Popen[bytes],
-    timeout: float,
-    what: str,
-    log_path: str | Path | None = None,
-) -> None:
-    """Wait until ``host:port`` accepts TCP connections; stop ``proc`` and raise if it cannot."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise MedfedError(f"{what} exited with code {proc.returncode} before it was ready{_log_tail(log_path)}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.2)
-    stop_process_group(proc)
-    raise MedfedError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s{_log_tail(log_path)}")
-
-
-def _log_tail(log_path: str | Path | None, lines: int = 5) -> str:
-    if log_path is None or not Path(log_path).is_file():
-        return ""
-    tail = Path(log_path).read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-    return f" (see {log_path}; last lines: {' | '.join(t.strip() for t in tail)})"
-
-
-def _proc_table() -> dict[int, tuple[int, int, str, int]]:
-    """pid -> (ppid, pgid, state, start time) for every process (Linux /proc)."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[0], int(fields[19]))
-        except (OSError, IndexError, ValueError):
-            continue
-    return table
-
-
-def descendants(pid: int) -> list[int]:
-    """All descendants of ``pid``, including those that left its session (Flower's SuperExec)."""
-    children: dict[int, list[int]] = {}
-    for child, (ppid, *_rest) in _proc_table().items():
-        children.setdefault(ppid, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def is_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    entry = _proc_table().get(pid)
-    return entry is not None and entry[2] != "Z"
-
-
-def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group of ``proc``, wait, then SIGKILL what is left of it.
-
-    Descendants that left the group (Flower starts its SuperExec in a new session) are
-    remembered with their start time first, so only those very processes are killed.
-    """
-    table = _proc_table()
-    others = {pid: table[pid][3] for pid in descendants(proc.pid) if pid in table}
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
-
-    def _left() -> list[int]:
-        now = _proc_table()
-        return [pid for pid, start in others.items() if pid in now and now[pid][3] == start and now[pid][2] != "Z"]
-
-    deadline = time.monotonic() + 2.0
-    while _left() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if any(pgid == proc.pid for _ppid, pgid, _state, _start in _proc_table().values()):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    for pid in _left():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def run_in_foreground(proc: subprocess.Popen[bytes]) -> int:
-    """Wait for ``proc``; on Ctrl-C, SIGTERM or SIGHUP stop its whole process tree. Returns its exit code."""
-
-    def _stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        stop_process_group(proc)
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # -- CLI wiring --------------------------------------------------------------------------

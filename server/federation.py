@@ -29,7 +29,7 @@ from medfed.common.models import ModelSpec
 from medfed.common.training import derive_seed
 from medfed.server.central import CentralData, evaluate_arrays, load_central
 from medfed.server.recorder import RunRecorder
-from medfed.server.replies import Failure, screen_evaluate_replies, screen_train_replies
+from medfed.server.replies import screen_evaluate_replies, screen_train_replies
 from medfed.server.selection import Selection, pool_validation
 from medfed.server.strategies import FedBN, build_strategy, restore_strategy_state, strategy_state
 

@@ -25,7 +25,7 @@ from medfed.common.arrays import arrays_to_state_dict, model_to_arrays
 from medfed.common.checkpoint import Checkpoint
 from medfed.common.config import StudyConfig
 from medfed.common.data.splits import FederatedData, ImageSplit
-from medfed.common.models import ModelSpec, build_model
+from medfed.common.models import build_model
 from medfed.common.training import TrainSettings, derive_seed, resolve_device, train
 from medfed.server.central import evaluate_arrays
 from medfed.server.recorder import RunRecorder
@@ -162,5 +162,3 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
     recorder.write_report()
     return summary
 
-
-__all__ = ["run_baseline", "ModelSpec"]

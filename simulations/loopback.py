@@ -60,7 +60,8 @@ class LocalDeployment:
 
     def __enter__(self) -> LocalDeployment:
         from medfed.client.daemon import load_site_yaml, start_supernode
-        from medfed.server.deploy import ServerDeployConfig, free_port, register_site, start_superlink
+        from medfed.common.process import free_port
+        from medfed.server.deploy import ServerDeployConfig, register_site, start_superlink
 
         self.base.mkdir(parents=True, exist_ok=True)
         certs = self.base / "certs"
@@ -84,13 +85,25 @@ class LocalDeployment:
                 yaml_path = self._site_yaml(site_id, index)
                 self._logs.append(self.base / f"{site_id}.log")
                 self._procs.append(
-                    start_supernode(load_site_yaml(yaml_path), insecure=self.insecure, log_path=self._logs[-1])
+                    start_supernode(load_site_yaml(yaml_path), insecure=self.insecure,
+                                    log_path=self._logs[-1], env=self._thread_env())
                 )
                 self.site_ids.append(site_id)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _thread_env(self) -> dict[str, str]:
+        """Give each site its share of this machine's cores, as if it were its own host.
+
+        Two sites' ClientApps training at once with all cores each oversubscribe the CPU
+        (OpenMP threads spin on each other) and run several times slower.
+        """
+        import os
+
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, self.sites)))
+        return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
     def _site_yaml(self, site_id: str, index: int) -> Path:
         lines = [f"site-id: {site_id}", f"state-dir: {site_id}/state", f"server: '{self.server}'",
@@ -134,7 +147,7 @@ class LocalDeployment:
 
     def stop(self) -> list[int]:
         """Stop every process started here (and descendants); returns PIDs still alive."""
-        from medfed.server.deploy import descendants, is_alive, stop_process_group
+        from medfed.common.process import descendants, is_alive, stop_process_group
 
         everything = {pid for p in self._procs for pid in (p.pid, *descendants(p.pid))}
         for proc in reversed(self._procs):

@@ -89,7 +89,7 @@ def test_yaml_overrides_win(tmp_path):
 def test_site_yaml_resolves_relative_paths(tmp_path):
     p = tmp_path / "site.yaml"
     p.write_text(
-        "site-id: hospital-a\ndata-root: data\ndata-file: x.npz\nstate-dir: state\n"
+        "site-id: hospital-a\ndata-root: data\ndataset: medmnist\ndata-file: x.npz\nstate-dir: state\n"
     )
     site = load_site_config(p)
     assert site.site_id == "hospital-a"

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from medfed.client.daemon import (
-    SITE_YAML_KEYS,
     add_site_arguments,
     load_site_yaml,
     node_config_string,
@@ -22,12 +21,12 @@ from medfed.common.errors import ConfigError, MedfedError
 from medfed.server.deploy import (
     ServerDeployConfig,
     add_server_arguments,
-    free_port,
     load_server_yaml,
     register_site,
     server_config_from_args,
     superlink_command,
 )
+from medfed.common.process import free_port
 from medfed.server.submit import (
     flower_cli_home,
     parse_server_address,
@@ -129,6 +128,8 @@ def test_server_start_cli_flags_override_yaml(tmp_path: Path) -> None:
 
 def _site_yaml(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "site.yaml"
+    if "site-id" in text and "dataset" not in text:
+        text += "dataset: synthetic\n"
     path.write_text(text)
     return path
 
@@ -204,9 +205,9 @@ def test_supernode_missing_or_open_key_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("site-id: a\ndata-root: d\nstate-dir: s\nsite_id: typo\n", r"unknown key\(s\) site_id; allowed keys: site-id, data-root"),
-        ("site-id: a\ndata-root: d\nstate-dir: s\nclientappio_port: 1\nfoo: 2\n", "unknown key\\(s\\) clientappio_port, foo"),
-        ("data-root: d\nstate-dir: s\n", "missing required key\\(s\\) site-id"),
+        ("site-id: a\ndata-root: d\nstate-dir: s\nsite_id: typo\n", r"unknown site config key\(s\): site_id; allowed keys: .*data-root"),
+        ("site-id: a\ndata-root: d\nstate-dir: s\nclientappio_port: 1\nfoo: 2\n", "unknown site config key\\(s\\): clientappio_port, foo"),
+        ("data-root: d\nstate-dir: s\n", "missing required key 'site-id'"),
         ("site-id: a\ndata-root: d\n", "state-dir"),
         ("site-id: 'a b'\ndata-root: d\nstate-dir: s\n", "site-id='a b' is not allowed"),
         ("site-id: a\ndata-root: d\nstate-dir: s\nserver: nohostport\n", "HOST:PORT"),
@@ -221,8 +222,10 @@ def test_site_yaml_errors(tmp_path: Path, text: str, match: str) -> None:
 
 
 def test_site_yaml_allowed_keys_cover_the_site_format() -> None:
+    from medfed.common.config import SiteConfig
+
     assert {"site-id", "data-root", "dataset", "data-file", "task", "state-dir", "server", "root-cert",
-            "auth-key", "shard-index", "shard-count"} <= set(SITE_YAML_KEYS)
+            "auth-key", "shard-index", "shard-count"} <= set(SiteConfig("a", "d", "s", dataset="synthetic").to_dict())
 
 
 def test_node_config_refuses_quotes(tmp_path: Path) -> None:
@@ -327,7 +330,7 @@ def test_commands_are_shell_safe(tmp_path: Path) -> None:
 
 
 def test_stop_process_group_reaches_children_that_left_the_session(tmp_path: Path) -> None:
-    from medfed.server.deploy import descendants, is_alive, start_process_group, stop_process_group
+    from medfed.common.process import descendants, is_alive, start_process_group, stop_process_group
 
     # the second sleep starts its own session, like Flower's SuperExec; the shell ignores SIGTERM
     script = "trap '' TERM; sleep 60 & setsid sleep 60 & wait"
@@ -345,7 +348,7 @@ def test_stop_process_group_reaches_children_that_left_the_session(tmp_path: Pat
 
 
 def test_wait_for_port_reports_early_exit_with_log_tail(tmp_path: Path) -> None:
-    from medfed.server.deploy import start_process_group, wait_for_port
+    from medfed.common.process import start_process_group, wait_for_port
 
     log = tmp_path / "x.log"
     proc = start_process_group(["/bin/sh", "-c", "echo boom-reason; exit 3"], cwd=tmp_path, log_path=log)

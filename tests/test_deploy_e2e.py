@@ -12,7 +12,6 @@ SuperExec Flower detaches) in a ``finally``, also when the test fails.
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,15 +23,8 @@ import pytest
 from medfed.client.daemon import load_site_yaml, start_supernode
 from medfed.common.certs import create_ca, create_server_cert, create_site_keys
 from medfed.common.errors import MedfedError
-from medfed.server.deploy import (
-    ServerDeployConfig,
-    is_alive,
-    descendants,
-    free_port,
-    register_site,
-    start_superlink,
-    stop_process_group,
-)
+from medfed.common.process import descendants, free_port, is_alive, stop_process_group
+from medfed.server.deploy import ServerDeployConfig, register_site, start_superlink
 from medfed.server.submit import RUN_COMPLETED, flower_cli_home, run_flwr, submit_run
 
 pytestmark = pytest.mark.slow
