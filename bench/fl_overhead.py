@@ -120,7 +120,7 @@ def part_b(data: Path, out: Path) -> dict:
     """ClientApp cold start: process start to first reply, train and evaluate messages."""
     site_yaml = out / "site.yaml"
     site_yaml.write_text(
-        f"site-id: bench-site\ndata-root: {data.parent}\ndata-file: {data.name}\n"
+        f"site-id: bench-site\ndata-root: {data.parent}\ndataset: medmnist\ndata-file: {data.name}\n"
         f"state-dir: {out / 'state'}\nshard-index: 0\nshard-count: 2\n"
     )
     run_config = {"local-steps": 1, "dataset": "medmnist", "data-path": str(data)}

@@ -38,7 +38,8 @@ def _site_record(site_id: str) -> ConfigRecord:
 
 
 def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
-    who = context.node_config.get("site-id") or context.node_config.get("partition-id", "?")
+    node = context.node_config
+    who = node.get("site-id") or node.get("site-config") or f"partition {node.get('partition-id', '?')}"
     reason = f"site {who}: {type(exc).__name__}: {exc}"
     log.error("%s", reason)
     return Message(Error(code=ERROR_CODE_SITE, reason=reason), reply_to=msg)

@@ -21,6 +21,18 @@ from medfed.common.errors import MedfedError
 
 STOP_TIMEOUT_S = 10.0
 
+# Environment for Flower's daemons:
+# - no telemetry: Flower otherwise POSTs platform details to its servers on every event,
+#   from every process; nothing may leave a hospital that the site did not decide to send;
+# - no update check (no internet at a hospital);
+# - the SuperExec that launches each ServerApp/ClientApp process polls every 0.2 s
+#   instead of 1 s, which takes up to 0.8 s off every message a site handles.
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+}
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``."""
@@ -42,7 +54,7 @@ def start_process_group(
     ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by bare name.
     """
     path = os.pathsep.join([str(Path(cmd[0]).parent), os.environ.get("PATH", "")])
-    full_env = {**os.environ, "PATH": path, "FLWR_DISABLE_UPDATE_CHECK": "1", **(env or {})}
+    full_env = {**os.environ, "PATH": path, **FLOWER_ENV, **(env or {})}
     out: IO[Any] | None = None
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from torch import nn
 from medfed.common.config import StudyConfig
 from medfed.common.data.splits import ImageSplit
 from medfed.common.errors import ConfigError, DataError
+from medfed.common.optim import SGD, Adam
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,11 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Itera
             done += 1
 
 
-def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(model: nn.Module, s: TrainSettings) -> Adam | SGD:
+    """torch.optim's update rules without its 2.9 s import of torch._dynamo (see common.optim)."""
     if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+        return SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    return Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
 
 
 def train(
@@ -130,7 +131,7 @@ def train(
     for idx in _batches(n, settings.batch_size, steps, gen):
         x = images[idx].to(device, non_blocking=True)
         y = labels[idx].to(device, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss = loss_fn(model(x), y)
         if prox:
             penalty = sum(torch.sum((w - w0) ** 2) for w, w0 in prox)

@@ -48,6 +48,33 @@ class _State:
     last_sites: dict[str, dict[str, Any]]
 
 
+POLL_INTERVAL_S = 0.2
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push ``messages`` and collect replies until all arrived or ``timeout`` passed.
+
+    Flower's deployment Grid polls for replies every 3 s; this uses the same public
+    push/pull calls every 0.2 s, which takes 1.4 s on average off every phase of a
+    round. Sites that did not answer in time are simply missing from the result.
+    """
+    if not messages:
+        return []
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(pending):
+            replies.append(reply)
+            pending.discard(reply.metadata.reply_to_message_id)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_INTERVAL_S)
+    if pending:
+        log.warning("%d site(s) did not answer within round-timeout=%.0f s", len(pending), timeout)
+    return replies
+
+
 def _bytes(messages: list[Message]) -> int:
     total = 0
     for msg in messages:
@@ -155,7 +182,7 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         random.seed(derive_seed(cfg.seed, "sampling", rnd))  # Flower samples with `random`
         train_msgs = list(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
         t0 = time.perf_counter()
-        train_replies = list(grid.send_and_receive(train_msgs, timeout=cfg.round_timeout))
+        train_replies = send_and_receive(grid, train_msgs, cfg.round_timeout)
         train_s = time.perf_counter() - t0
         train_ok, failures = screen_train_replies(train_replies, st.arrays, allow_subset=fedbn)
         agg_metrics = None
@@ -168,7 +195,7 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
 
         eval_msgs = list(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
         t0 = time.perf_counter()
-        eval_replies = list(grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
+        eval_replies = send_and_receive(grid, eval_msgs, cfg.round_timeout)
         eval_s = time.perf_counter() - t0
         per_site_eval, eval_failures = screen_evaluate_replies(eval_replies)
         pooled = pool_validation(per_site_eval)
@@ -225,7 +252,7 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
     if sel.threshold is not None:
         final_cfg["threshold"] = sel.threshold
     msgs = list(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), grid))
-    per_site, failures = screen_evaluate_replies(list(grid.send_and_receive(msgs, timeout=cfg.round_timeout)))
+    per_site, failures = screen_evaluate_replies(send_and_receive(grid, msgs, cfg.round_timeout))
     sites = _site_rows([], per_site)
     for site, row in sites.items():
         for key in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value):

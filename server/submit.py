@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medfed.common.errors import ConfigError, MedfedError
+from medfed.common.process import FLOWER_ENV
 
 try:
     import tomllib
@@ -138,7 +139,7 @@ def run_flwr(
     args: Sequence[str], flwr_home: Path, *, timeout: float | None = CLI_TIMEOUT_S, capture: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Run ``flwr ARGS`` with ``FLWR_HOME=flwr_home`` (cwd there too); bounded by ``timeout``."""
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home)}
     try:
         return subprocess.run(
             [flwr_executable(), *args], cwd=flwr_home, env=env, text=True,

@@ -75,6 +75,7 @@ def run_on_simulation_engine(cfg: StudyConfig) -> None:
     server_context = Context(
         run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no data about the study leaves the machine
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     _run_simulation(
