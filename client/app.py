@@ -11,9 +11,16 @@ from __future__ import annotations
 import functools
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
-
 from medfed.common.config import StudyConfig, parse_study_config
 from medfed.common.constants import RecordKey, SiteKey
 

@@ -24,7 +24,6 @@ from medfed.common.config import (
 from medfed.common.constants import NodeConfigKey
 from medfed.common.data.splits import DatasetInfo, SiteData
 from medfed.common.errors import ConfigError
-from medfed.common.models import ModelSpec
 
 PARTITION_ID = NodeConfigKey.PARTITION_ID.value
 NUM_PARTITIONS = NodeConfigKey.NUM_PARTITIONS.value
@@ -38,16 +37,6 @@ class SiteRuntime:
     info: DatasetInfo
     data: SiteData
     state_dir: Path
-
-
-def model_spec(cfg: StudyConfig, info: DatasetInfo) -> ModelSpec:
-    """The model every participant builds: explicit run-config sizes win over the data's."""
-    return ModelSpec(
-        name=cfg.model,
-        in_channels=cfg.in_channels or info.in_channels,
-        num_classes=cfg.num_classes or info.num_classes,
-        image_size=cfg.image_size or info.image_size,
-    )
 
 
 def simulation_state_dir(cfg: StudyConfig, site_id: str) -> Path:

@@ -14,14 +14,19 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord
-
-from medfed.client.site_data import SiteRuntime, model_spec
+from medfed.client.site_data import SiteRuntime
 from medfed.client.site_state import load_local_layers, save_local_layers
 from medfed.common.arrays import arrays_to_state_dict, load_arrays, model_to_arrays
 from medfed.common.config import StudyConfig
 from medfed.common.constants import NUM_HIST_BINS, SPLITS, ConfigKey, MetricKey
-from medfed.common.models import build_model, norm_parameter_names
-from medfed.common.training import TrainSettings, derive_seed, evaluate, resolve_device, train
+from medfed.common.models import build_model, model_spec, norm_parameter_names
+from medfed.common.training import (
+    TrainSettings,
+    derive_seed,
+    evaluate,
+    resolve_device,
+    train,
+)
 
 log = logging.getLogger(__name__)
 

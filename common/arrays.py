@@ -6,9 +6,8 @@ from collections.abc import Iterable
 
 import torch
 from flwr.app import Array, ArrayRecord
-from torch import nn
-
 from medfed.common.models import strip_wrapper_prefix
+from torch import nn
 
 
 def model_to_arrays(model: nn.Module, exclude: Iterable[str] = ()) -> ArrayRecord:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from medfed.common.errors import DataError
 from medfed.common.models import ModelSpec, strip_wrapper_prefix
 

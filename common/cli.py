@@ -50,6 +50,7 @@ _SIM_FLAGS: dict[str, str] = {
     "fraction_train": "fraction-train",
     "proximal_mu": "proximal-mu",
     "selection": "selection",
+    "evaluate_every": "evaluate-every",
     "device": "device",
 }
 
@@ -81,6 +82,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--fraction-train", type=float)
     p.add_argument("--proximal-mu", type=float)
     p.add_argument("--selection", help="val-auc (default: best round on validation) or last")
+    p.add_argument("--evaluate-every", type=int, help="federated evaluation every N rounds (default 1)")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
     p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
@@ -134,8 +136,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
              cfg.num_sites, ", ".join(str(len(s.train)) for s in fed.sites), cfg.mode,
              cfg.num_server_rounds, cfg.out_dir)
     if cfg.mode == "federated":
-        from medfed.simulations.engine import run_on_simulation_engine
         from medfed.server.report import read_summary
+        from medfed.simulations.engine import run_on_simulation_engine
 
         run_on_simulation_engine(cfg)
         summary_path = Path(cfg.out_dir) / "summary.json"

@@ -78,6 +78,7 @@ class StudyConfig:
     fraction_train: float = 1.0
     min_sites: int = 2
     round_timeout: float = 600.0
+    evaluate_every: int = 1  # federated evaluation every N rounds (and at the last one)
     proximal_mu: float = 0.01
     server_lr: float = 0.1
     server_momentum: float = 0.9
@@ -113,6 +114,7 @@ class StudyConfig:
         _check_range("fraction-train", self.fraction_train, 0.0, 1.0)
         _check_range("min-sites", self.min_sites, 1, 1000)
         _check_range("round-timeout", self.round_timeout, 1.0, 7 * 86400.0)
+        _check_range("evaluate-every", self.evaluate_every, 1, 100000)
         _check_range("proximal-mu", self.proximal_mu, 0.0, 100.0)
         _check_range("server-lr", self.server_lr, 1e-8, 100.0)
         _check_range("server-momentum", self.server_momentum, 0.0, 1.0)

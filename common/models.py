@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
-
-from medfed.common.config import MODELS
+from medfed.common.config import MODELS, StudyConfig
+from medfed.common.data.splits import DatasetInfo
 from medfed.common.errors import ConfigError
+from torch import nn
 
 DENSENET_MIN_SIZE = 32
 NORM_TYPES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
@@ -41,6 +41,16 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
+
+
+def model_spec(cfg: StudyConfig, info: DatasetInfo) -> ModelSpec:
+    """The model every participant builds: explicit run-config sizes win over the data's."""
+    return ModelSpec(
+        name=cfg.model,
+        in_channels=cfg.in_channels or info.in_channels,
+        num_classes=cfg.num_classes or info.num_classes,
+        image_size=cfg.image_size or info.image_size,
+    )
 
 
 def _groups(channels: int) -> int:

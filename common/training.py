@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
-
 from medfed.common.config import StudyConfig
 from medfed.common.data.splits import ImageSplit
 from medfed.common.errors import ConfigError, DataError
 from medfed.common.optim import SGD, Adam
+from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import logging
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-
 from medfed.common.config import parse_study_config
 from medfed.common.logs import setup_logging
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord
-
 from medfed.common.config import StudyConfig
 from medfed.common.data.splits import DatasetInfo, ImageSplit
 from medfed.common.models import ModelSpec

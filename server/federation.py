@@ -19,19 +19,23 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-
 from medfed.common.arrays import arrays_to_state_dict
 from medfed.common.checkpoint import Checkpoint, load_checkpoint
 from medfed.common.config import StudyConfig
 from medfed.common.constants import ConfigKey, MetricKey
 from medfed.common.errors import ConfigError
-from medfed.common.models import ModelSpec
+from medfed.common.models import ModelSpec, model_spec
 from medfed.common.training import derive_seed
 from medfed.server.central import CentralData, evaluate_arrays, load_central
 from medfed.server.recorder import RunRecorder
 from medfed.server.replies import screen_evaluate_replies, screen_train_replies
 from medfed.server.selection import Selection, pool_validation
-from medfed.server.strategies import FedBN, build_strategy, restore_strategy_state, strategy_state
+from medfed.server.strategies import (
+    FedBN,
+    build_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +89,7 @@ def _bytes(messages: list[Message]) -> int:
 
 def model_spec_for(cfg: StudyConfig, central: CentralData | None) -> ModelSpec:
     if central is not None:
-        info = central.info
-        return ModelSpec(cfg.model, cfg.in_channels or info.in_channels,
-                         cfg.num_classes or info.num_classes, cfg.image_size or info.image_size)
+        return model_spec(cfg, central.info)
     if not (cfg.in_channels and cfg.num_classes and cfg.image_size):
         raise ConfigError(
             "the server has no data to size the model: set in-channels, num-classes and "
@@ -98,7 +100,6 @@ def model_spec_for(cfg: StudyConfig, central: CentralData | None) -> ModelSpec:
 
 def _initial_state(cfg: StudyConfig, spec: ModelSpec, strategy: Strategy, recorder: RunRecorder) -> _State:
     import torch
-
     from medfed.common.arrays import model_to_arrays
     from medfed.common.models import build_model
 
@@ -193,13 +194,17 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         else:
             log.warning("round %d: no site trained successfully; the global model is unchanged", rnd)
 
-        eval_msgs = list(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+        evaluate_now = rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds
+        eval_msgs = (
+            list(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+            if evaluate_now else []
+        )
         t0 = time.perf_counter()
         eval_replies = send_and_receive(grid, eval_msgs, cfg.round_timeout)
         eval_s = time.perf_counter() - t0
         per_site_eval, eval_failures = screen_evaluate_replies(eval_replies)
         pooled = pool_validation(per_site_eval)
-        if st.selection.consider(rnd, pooled):
+        if evaluate_now and st.selection.consider(rnd, pooled):
             st.best_arrays = st.arrays
         test_metrics = _central_test(spec, st.arrays, central, cfg, pooled.threshold)
         sites = _site_rows(train_ok, per_site_eval)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
-
 from medfed.common.constants import MetricKey, RecordKey, SiteKey
 
 log = logging.getLogger(__name__)

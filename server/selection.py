@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from medfed.common.constants import MetricKey
 
 

@@ -25,7 +25,6 @@ from flwr.serverapp.strategy import (
     QFedAvg,
     Strategy,
 )
-
 from medfed.common.config import StudyConfig
 from medfed.common.constants import ConfigKey, MetricKey
 

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord
-
-from medfed.client.site_data import SiteRuntime, model_spec, simulation_state_dir
+from medfed.client.site_data import SiteRuntime, simulation_state_dir
 from medfed.client.task import evaluate_round
 from medfed.common.arrays import arrays_to_state_dict, model_to_arrays
 from medfed.common.checkpoint import Checkpoint
 from medfed.common.config import StudyConfig
 from medfed.common.data.splits import FederatedData, ImageSplit
-from medfed.common.models import build_model
+from medfed.common.models import build_model, model_spec
 from medfed.common.training import TrainSettings, derive_seed, resolve_device, train
 from medfed.server.central import evaluate_arrays
 from medfed.server.recorder import RunRecorder
@@ -80,7 +79,6 @@ def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
 def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
     """Run ``cfg.mode`` = centralized or local; writes the same run directory as federated."""
     import torch
-
     from medfed.common.data.federated import load_federated_cached
 
     t_start = time.perf_counter()

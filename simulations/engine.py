@@ -50,14 +50,17 @@ def backend_config(num_sites: int) -> dict[str, Any]:
 def run_on_simulation_engine(cfg: StudyConfig) -> None:
     """Run the federated study ``cfg`` with one virtual SuperNode per site."""
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.common.constant import (
+        RUN_ID_NUM_BYTES,
+        SUPERLINK_NODE_ID,
+        TASK_ID_NUM_BYTES,
+    )
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
-
     from medfed.client.app import app as client_app
     from medfed.server.app import app as server_app
 

@@ -61,7 +61,11 @@ class LocalDeployment:
     def __enter__(self) -> LocalDeployment:
         from medfed.client.daemon import load_site_yaml, start_supernode
         from medfed.common.process import free_port
-        from medfed.server.deploy import ServerDeployConfig, register_site, start_superlink
+        from medfed.server.deploy import (
+            ServerDeployConfig,
+            register_site,
+            start_superlink,
+        )
 
         self.base.mkdir(parents=True, exist_ok=True)
         certs = self.base / "certs"

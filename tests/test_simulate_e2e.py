@@ -127,3 +127,13 @@ def test_corrupt_data_file_and_unknown_yaml_key(tmp_path: Path):
     res = medfed("simulate", "--config", str(study), "--out", str(tmp_path / "r2"), timeout=120)
     assert res.returncode == 2 and "learning_rate" in res.stderr and str(study) in res.stderr
     assert not (tmp_path / "r2").exists()
+
+
+def test_evaluate_every_skips_federated_evaluation_between(tmp_path: Path):
+    out = tmp_path / "ee"
+    res = medfed("simulate", *SMALL, "--rounds", "3", "--evaluate-every", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [bool(l["val"]) for l in lines] == [False, True, True]  # round 2, and always the last
+    assert _summary(out)["selected-round"] in (2, 3)
+    assert "val-auc" not in lines[0]["sites"]["site-0"] and "val-auc" in lines[1]["sites"]["site-0"]

@@ -17,7 +17,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 from medfed.common.data.splits import DatasetInfo, ImageSplit
 from medfed.common.errors import DataError
 

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np
-
 from medfed.common.data.splits import ImageSplit
 from medfed.common.errors import ConfigError
 

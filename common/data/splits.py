@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from medfed.common.errors import DataError
 
 __all__ = ["DatasetInfo", "FederatedData", "ImageSplit", "SiteData"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
 from medfed.common.data.partition import stratified_split
 from medfed.common.data.splits import DatasetInfo, FederatedData, ImageSplit, SiteData
 from medfed.common.errors import ConfigError
