@@ -145,26 +145,38 @@ def part_b(data: Path, out: Path) -> dict:
 
 
 def part_c(data: Path, rounds: int, out: Path) -> dict:
-    """Deployment on loopback: round wall time minus local training time."""
+    """Deployment on loopback: round wall time minus local training time.
+
+    Run twice: federated evaluation every round (two messages per round), and every 5th
+    round (``evaluate-every=5``, one message in most rounds).
+    """
     from medfed.simulations.loopback import LocalDeployment
 
-    with LocalDeployment(out, data=data, sites=2, insecure=True) as dep:
-        run_dir = dep.run_study(rounds=rounds, extra={"local-epochs": 1})
-    recs = _rounds(run_dir)
-    rows = []
-    for r in recs:
-        train = max(v.get("train-s", 0.0) for v in r["sites"].values())
-        rows.append({"round": r["round"], "round-s": round(r["time"]["round-s"], 2),
-                     "max-site-train-s": round(train, 2),
-                     "overhead-s": round(r["time"]["round-s"] - train, 2)})
-    steady = rows[1:] or rows
-    return {"rounds": rows, "median-overhead-s": round(statistics.median(x["overhead-s"] for x in steady), 2)}
+    result = {}
+    for every in (1, 5):
+        with LocalDeployment(out / f"every-{every}", data=data, sites=2, insecure=True) as dep:
+            run_dir = dep.run_study(rounds=rounds, extra={"local-epochs": 1, "evaluate-every": every})
+        rows = []
+        for r in _rounds(run_dir):
+            train = max(v.get("train-s", 0.0) for v in r["sites"].values())
+            rows.append({"round": r["round"], "round-s": round(r["time"]["round-s"], 2),
+                         "train-phase-s": round(r["time"]["train-s"], 2),
+                         "evaluate-phase-s": round(r["time"]["evaluate-s"], 2),
+                         "max-site-train-s": round(train, 2),
+                         "overhead-s": round(r["time"]["round-s"] - train, 2)})
+        steady = rows[1:] or rows
+        result[f"evaluate-every-{every}"] = {
+            "rounds": rows,
+            "median-overhead-s": round(statistics.median(x["overhead-s"] for x in steady), 2),
+            "mean-overhead-s": round(statistics.mean(x["overhead-s"] for x in steady), 2),
+        }
+    return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--parts", default="a,b,c")
     args = p.parse_args()
