@@ -48,7 +48,7 @@ def resolve_site(node_config: Mapping[str, Any], cfg: StudyConfig) -> SiteRuntim
     if PARTITION_ID in node_config:
         return _simulated_site(cfg, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))
     site = _deployed_site_config(node_config)
-    info, data = _deployed_site_data(site, cfg.seed)
+    info, data = _site_data_cached(site, cfg.seed)
     return SiteRuntime(site.site_id, info, data, Path(site.state_dir))
 
 
@@ -85,10 +85,6 @@ def _deployed_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
         )
     mapping = {k: v for k, v in node_config.items() if k != NODE_SITE_CONFIG}
     return parse_site_config(mapping)
-
-
-def _deployed_site_data(site: SiteConfig, seed: int) -> tuple[DatasetInfo, SiteData]:
-    return _site_data_cached(site, seed)
 
 
 @functools.lru_cache(maxsize=4)

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from medfed.common.errors import ConfigError
+from medfed.common.logs import emit
 
 if TYPE_CHECKING:
     import argparse
@@ -255,7 +256,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     if args.certs_command == "site":
         written += create_site_keys(args.out, args.site_id, args.overwrite)
     for path in written:
-        print(path)
+        emit(str(path))
     return 0
 
 

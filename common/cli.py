@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.common.errors import ConfigError, MedfedError
+from medfed.common.logs import emit
 
 log = logging.getLogger("medfed.cli")
 
@@ -24,11 +25,6 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(EXIT_USAGE, f"medfed: error: {message} (see '{self.prog} --help')\n")
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
-    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- simulate
@@ -148,8 +144,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from medfed.simulations.baselines import run_baseline
 
         summary = run_baseline(cfg)
-    _out(format_site_table(summary))
-    _out(f"run directory: {cfg.out_dir}")
+    emit(format_site_table(summary))
+    emit(f"run directory: {cfg.out_dir}")
     return EXIT_OK
 
 
@@ -167,7 +163,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = write_report(Path(args.run_dir))
     except FileNotFoundError as exc:
         raise MedfedError(str(exc)) from exc
-    _out(str(path))
+    emit(str(path))
     return EXIT_OK
 
 
@@ -184,7 +180,7 @@ def _add_data(sub: Any) -> None:
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     from medfed.common.data.fetch import fetch_medmnist
 
-    _out(str(fetch_medmnist(args.name, Path(args.dest), size=args.size)))
+    emit(str(fetch_medmnist(args.name, Path(args.dest), size=args.size)))
     return EXIT_OK
 
 

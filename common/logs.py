@@ -8,6 +8,12 @@ import sys
 _FORMAT = "%(asctime)s medfed %(levelname)s %(message)s"
 
 
+def emit(text: str) -> None:
+    """One line of command output for the user (stdout), as opposed to log lines (stderr)."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
     """Attach a single stderr handler to the ``medfed`` logger (idempotent)."""
     logger = logging.getLogger("medfed")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from medfed.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from medfed.common.errors import ConfigError
+from medfed.common.logs import emit
 from medfed.common.process import run_in_foreground, start_process_group, wait_for_port
 from medfed.server.submit import (
     CONNECTION,
@@ -235,7 +236,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     cfg = server_config_from_args(args)
     proc = start_superlink(cfg)
     scheme = "insecure, no TLS" if cfg.insecure else "TLS" + (", site authentication" if cfg.enable_site_auth else "")
-    print(f"SuperLink listening on {cfg.host}:{cfg.port} ({scheme}); state in {Path(cfg.state_dir).resolve()}", flush=True)
+    emit(f"SuperLink listening on {cfg.host}:{cfg.port} ({scheme}); state in {Path(cfg.state_dir).resolve()}")
     return run_in_foreground(proc)
 
 
@@ -253,5 +254,5 @@ def cmd_register_site(args: argparse.Namespace) -> int:
     node_id = register_site(
         args.server, args.public_key, insecure=args.insecure, root_cert=args.root_cert, name=args.name
     )
-    print(f"registered {args.public_key} as SuperNode {node_id}")
+    emit(f"registered {args.public_key} as SuperNode {node_id}")
     return 0

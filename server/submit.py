@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medfed.common.errors import ConfigError, MedfedError
+from medfed.common.logs import emit
 from medfed.common.process import FLOWER_ENV
 
 try:
@@ -317,7 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_config=args.run_config, wait=args.wait, stream=args.stream, timeout=args.timeout,
     )
     if result.status is None:
-        print(f"submitted run {result.run_id} to {args.server}")
+        emit(f"submitted run {result.run_id} to {args.server}")
         return 0
-    print(f"run {result.run_id}: {result.status}")
+    emit(f"run {result.run_id}: {result.status}")
     return 0 if result.status == RUN_COMPLETED else 1

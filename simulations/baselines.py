@@ -11,6 +11,7 @@ centralized trains on the pooled data for ``local-epochs`` per round (or ``local
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -106,8 +107,8 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
         t_round = time.perf_counter()
         losses, all_eval, tests = [], {}, []
         for tr in tracks:
-            settings = TrainSettings.from_study(cfg, seed=derive_seed(cfg.seed, rnd, tr.name))
-            settings = TrainSettings(**{**settings.__dict__, "steps": steps})
+            settings = dataclasses.replace(
+                TrainSettings.from_study(cfg, seed=derive_seed(cfg.seed, rnd, tr.name)), steps=steps)
             res = train(tr.model, tr.train, settings, device)
             losses.append(res.loss)
             arrays = model_to_arrays(tr.model.cpu())
