@@ -43,7 +43,7 @@ def part_a(data: Path, rounds: int, sites: int, out: Path) -> dict:
     from medfed.client.task import evaluate_round, train_round
     from medfed.common.arrays import model_to_arrays
     from medfed.common.config import StudyConfig
-    from medfed.common.data.federated import load_federated_cached
+    from medfed.common.data.federated import load_study_data
     from medfed.common.models import ModelSpec, build_model
     from medfed.server.central import evaluate_arrays
     from medfed.simulations.engine import run_on_simulation_engine
@@ -59,7 +59,7 @@ def part_a(data: Path, rounds: int, sites: int, out: Path) -> dict:
     fed_train = statistics.median(r["time"]["train-s"] for r in recs)
 
     # The same work directly in this process: same functions, same sites, same steps.
-    fed = load_federated_cached(cfg.dataset, cfg.data_path, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed)
+    fed = load_study_data(cfg)
     spec = ModelSpec("cnn", fed.info.in_channels, fed.info.num_classes, fed.info.image_size)
     torch.manual_seed(0)
     arrays: ArrayRecord = model_to_arrays(build_model(spec))

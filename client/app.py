@@ -23,6 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from medfed.common.config import StudyConfig, parse_study_config
 from medfed.common.constants import RecordKey, SiteKey
+from medfed.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,13 @@ def _study(items: tuple[tuple[str, object], ...]) -> StudyConfig:
 
 
 def _context_study(context: Context) -> StudyConfig:
-    return _study(tuple(sorted(context.run_config.items())))
+    """The run config the server sent; its errors are the server's and may be sent back."""
+    from medfed.client.boundary import PublicSiteError
+
+    try:
+        return _study(tuple(sorted(context.run_config.items())))
+    except ConfigError as exc:
+        raise PublicSiteError(f"the study's run config is invalid: {exc}") from exc
 
 
 def _site_record(site_id: str) -> ConfigRecord:
@@ -45,11 +52,22 @@ def _site_record(site_id: str) -> ConfigRecord:
 
 
 def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
+    """Log the full reason here; send only what :func:`public_reason` allows."""
+    from medfed.client.boundary import public_reason
+
     node = context.node_config
-    who = node.get("site-id") or node.get("site-config") or f"partition {node.get('partition-id', '?')}"
-    reason = f"site {who}: {type(exc).__name__}: {exc}"
-    log.error("%s", reason)
-    return Message(Error(code=ERROR_CODE_SITE, reason=reason), reply_to=msg)
+    who = str(node.get("site-id") or f"partition {node.get('partition-id', '?')}")
+    log.error("site %s: %s: %s", who, type(exc).__name__, exc)
+    return Message(Error(code=ERROR_CODE_SITE, reason=public_reason(who, exc)), reply_to=msg)
+
+
+def _reply(msg: Message, content: RecordDict, site_id: str) -> Message:
+    """The reply, after the privacy boundary has checked every record in it."""
+    from medfed.client.boundary import check_reply
+
+    sent = msg.content[RecordKey.ARRAYS.value].keys() if RecordKey.ARRAYS.value in msg.content else ()
+    check_reply(content, sent, site_id)
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
@@ -64,16 +82,16 @@ def handle_train(msg: Message, context: Context) -> Message:
         arrays = msg.content[RecordKey.ARRAYS.value]
         config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
         reply = train_round(cfg, site, arrays, config)
+        content = RecordDict(
+            {
+                RecordKey.ARRAYS.value: reply.arrays,
+                RecordKey.METRICS.value: MetricRecord(reply.metrics),
+                RecordKey.SITE.value: _site_record(site.site_id),
+            }
+        )
+        return _reply(msg, content, site.site_id)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
         return _error_reply(msg, context, exc)
-    content = RecordDict(
-        {
-            RecordKey.ARRAYS.value: reply.arrays,
-            RecordKey.METRICS.value: MetricRecord(reply.metrics),
-            RecordKey.SITE.value: _site_record(site.site_id),
-        }
-    )
-    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
@@ -88,12 +106,12 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         arrays: ArrayRecord = msg.content[RecordKey.ARRAYS.value]
         config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
         metrics = evaluate_round(cfg, site, arrays, config)
+        content = RecordDict(
+            {
+                RecordKey.METRICS.value: MetricRecord(metrics),
+                RecordKey.SITE.value: _site_record(site.site_id),
+            }
+        )
+        return _reply(msg, content, site.site_id)
     except Exception as exc:  # noqa: BLE001
         return _error_reply(msg, context, exc)
-    content = RecordDict(
-        {
-            RecordKey.METRICS.value: MetricRecord(metrics),
-            RecordKey.SITE.value: _site_record(site.site_id),
-        }
-    )
-    return Message(content=content, reply_to=msg)

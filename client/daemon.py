@@ -62,12 +62,12 @@ class SiteDaemonConfig:
 
 
 def load_site_yaml(path: str | Path) -> SiteDaemonConfig:
-    """Parse site.yaml once with the shared :func:`medfed.common.config.load_site_config`.
+    """Parse site.yaml once with the shared :func:`medfed.common.site_config.load_site_config`.
 
     Relative paths are resolved against the file's folder; unknown keys and bad values
     are errors naming the file, the key and the allowed values.
     """
-    from medfed.common.config import load_site_config
+    from medfed.common.site_config import load_site_config
 
     p = Path(path).resolve()
     site = load_site_config(p)

@@ -15,15 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.common.config import (
-    SiteConfig,
-    StudyConfig,
-    load_site_config,
-    parse_site_config,
-)
+from medfed.common.config import StudyConfig
 from medfed.common.constants import NodeConfigKey
 from medfed.common.data.splits import DatasetInfo, SiteData
 from medfed.common.errors import ConfigError
+from medfed.common.site_config import SiteConfig, load_site_config, parse_site_config
 
 PARTITION_ID = NodeConfigKey.PARTITION_ID.value
 NUM_PARTITIONS = NodeConfigKey.NUM_PARTITIONS.value
@@ -48,27 +44,34 @@ def resolve_site(node_config: Mapping[str, Any], cfg: StudyConfig) -> SiteRuntim
     if PARTITION_ID in node_config:
         return _simulated_site(cfg, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))
     site = _deployed_site_config(node_config)
-    info, data = _site_data_cached(site, cfg.seed)
+    return site_runtime(site, cfg)
+
+
+def site_runtime(site: SiteConfig, cfg: StudyConfig) -> SiteRuntime:
+    """The runtime of a site described by its own config (deployment, or simulation over site files)."""
+    info, data = _site_data_cached(site, cfg.seed, cfg.image_size, cfg.in_channels)
     return SiteRuntime(site.site_id, info, data, Path(site.state_dir))
 
 
 def _simulated_site(cfg: StudyConfig, partition_id: int, num_partitions: int) -> SiteRuntime:
-    from medfed.common.data.federated import load_federated_cached
+    from medfed.common.data.federated import load_study_data
 
     if num_partitions != cfg.num_sites:
         raise ConfigError(
             f"the simulation has {num_partitions} nodes but num-sites={cfg.num_sites}: "
             "make them equal"
         )
-    fed = load_federated_cached(
-        cfg.dataset, cfg.data_path, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed
-    )
+    if cfg.dataset == "sites":  # a real site description: its own data, state and cache
+        from medfed.common.intake.federated_sites import load_site_configs
+
+        return site_runtime(load_site_configs(cfg.data_path)[partition_id], cfg)
+    fed = load_study_data(cfg)
     data = fed.sites[partition_id]
     return SiteRuntime(data.site_id, fed.info, data, simulation_state_dir(cfg, data.site_id))
 
 
 def _deployed_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
-    if NODE_SITE_CONFIG in node_config and node_config[NODE_SITE_CONFIG]:
+    if node_config.get(NODE_SITE_CONFIG):
         site = load_site_config(str(node_config[NODE_SITE_CONFIG]))
         # The node config may name the site itself; it must agree with the file.
         if "site-id" in node_config and node_config["site-id"] != site.site_id:
@@ -88,11 +91,16 @@ def _deployed_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def _site_data_cached(site: SiteConfig, seed: int) -> tuple[DatasetInfo, SiteData]:
+def _site_data_cached(site: SiteConfig, seed: int, image_size: int, channels: int) -> tuple[DatasetInfo, SiteData]:
     from medfed.common.data.federated import load_federated_cached
     from medfed.common.data.medmnist import load_medmnist_cached
     from medfed.common.data.partition import partition_splits
 
+    if site.dataset in ("manifest", "dicom"):
+        from medfed.common.intake.site_dataset import build_site_data
+
+        info, data, _ = build_site_data(site, image_size, channels)
+        return info, data
     if site.dataset == "synthetic":
         fed = load_federated_cached("synthetic", "", site.shard_count, "iid", 1.0, seed)
         shard = fed.sites[site.shard_index]

@@ -40,6 +40,7 @@ _SIM_FLAGS: dict[str, str] = {
     "lr": "lr",
     "optimizer": "optimizer",
     "model": "model",
+    "image_size": "image-size",
     "mode": "mode",
     "seed": "seed",
     "min_sites": "min-sites",
@@ -61,6 +62,8 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--config", help="study YAML (flat kebab-case keys, as in [tool.flwr.app.config])")
     p.add_argument("--data", help="MedMNIST .npz file (default: the built-in synthetic dataset)")
     p.add_argument("--sites", type=int, help="number of sites (default 4)")
+    p.add_argument("--site-configs", help="comma-separated site.yaml files: simulate these real sites "
+                   "(each reads its own manifest or DICOM folder) instead of splitting a dataset")
     p.add_argument("--partition", help="iid or dirichlet (label skew)")
     p.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller = more skew)")
     p.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, "
@@ -72,6 +75,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", help="adam or sgd")
     p.add_argument("--model", help="cnn (default), densenet121, resnet18")
+    p.add_argument("--image-size", type=int, help="model input side in pixels (default: the data's)")
     p.add_argument("--mode", help="federated (default), centralized or local")
     p.add_argument("--seed", type=int)
     p.add_argument("--min-sites", type=int)
@@ -93,9 +97,14 @@ def study_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, attr, None)
         if value is not None:
             overrides[key] = value
+    if args.data and args.site_configs:
+        raise ConfigError("--data and --site-configs exclude each other: give one")
     if args.data:
         overrides["dataset"] = "medmnist"
         overrides["data-path"] = str(Path(args.data).resolve())
+    if args.site_configs:
+        paths = [str(Path(p.strip()).resolve()) for p in args.site_configs.split(",") if p.strip()]
+        overrides.update({"dataset": "sites", "data-path": ",".join(paths), "num-sites": len(paths)})
     if args.resume:
         overrides["resume"] = str(Path(args.resume).resolve())
     if args.out:
@@ -109,7 +118,9 @@ def study_from_args(args: argparse.Namespace) -> Any:
     if not args.out and not args.resume and not (args.config and "out-dir" in _yaml_keys(args.config)):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg = cfg.replace(out_dir=str(Path("runs", f"{cfg.mode}-{stamp}").resolve()))
-    if cfg.data_path:
+    if cfg.data_path and cfg.dataset == "sites":
+        cfg = cfg.replace(data_path=",".join(str(Path(p.strip()).resolve()) for p in cfg.data_path.split(",")))
+    elif cfg.data_path:
         cfg = cfg.replace(data_path=str(Path(cfg.data_path).resolve()))
     return cfg
 
@@ -121,13 +132,13 @@ def _yaml_keys(path: str) -> set[str]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from medfed.common.data.federated import load_federated_cached
+    from medfed.common.data.federated import load_study_data
     from medfed.server.report import format_site_table
 
     cfg = study_from_args(args)
     # Load the data once up front: a missing or corrupt file fails here, before any
     # run directory, checkpoint or Ray process exists.
-    fed = load_federated_cached(cfg.dataset, cfg.data_path, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed)
+    fed = load_study_data(cfg)
     log.info("study: %s on %s, %d sites (%s), mode %s, %d rounds -> %s", cfg.strategy, fed.info.name,
              cfg.num_sites, ", ".join(str(len(s.train)) for s in fed.sites), cfg.mode,
              cfg.num_server_rounds, cfg.out_dir)
@@ -175,6 +186,13 @@ def _add_data(sub: Any) -> None:
     f.add_argument("--dest", default="data", help="folder to write NAME.npz into (default ./data)")
     f.add_argument("--size", type=int, default=28, help="image size: 28, 64, 128 or 224")
     f.set_defaults(func=cmd_data_fetch)
+    c = dsub.add_parser("covid-sites", help="site manifests + site.yaml files for the COVID-19 chest X-ray "
+                        "collection, split by patient (images stay where they are)")
+    c.add_argument("--data", required=True, help="folder with metadata.csv and images/")
+    c.add_argument("--num-sites", type=int, default=3)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="sites/covid", help="folder for the site folders (default sites/covid)")
+    c.set_defaults(func=cmd_data_covid_sites)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -184,9 +202,17 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_data_covid_sites(args: argparse.Namespace) -> int:
+    from medfed.common.intake.recipes import covid_sites
+
+    paths = covid_sites(Path(args.data), Path(args.out), args.num_sites, args.seed)
+    emit(",".join(str(p) for p in paths))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- deployment
 def _add_deployment(sub: Any) -> None:
-    from medfed.client import daemon
+    from medfed.client import daemon, site_check
     from medfed.common import certs
     from medfed.server import deploy, submit
 
@@ -197,6 +223,7 @@ def _add_deployment(sub: Any) -> None:
     site = sub.add_parser("site", help="a hospital site: SuperNode")
     sitesub = site.add_subparsers(dest="site_cmd", required=True, parser_class=_Parser)
     daemon.add_site_arguments(sitesub)
+    site_check.add_check_arguments(sitesub)
 
     run = sub.add_parser("run", help="submit a study to a running server (deployment)")
     submit.add_run_arguments(run)

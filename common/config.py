@@ -35,7 +35,7 @@ STRATEGIES = (
     "fedbn",
 )
 MODELS = ("cnn", "densenet121", "resnet18")
-DATASETS = ("synthetic", "medmnist")
+DATASETS = ("synthetic", "medmnist", "sites")
 PARTITIONS = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
 MODES = ("federated", "centralized", "local")
@@ -43,7 +43,7 @@ SELECTIONS = ("val-auc", "last")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _key(name: str) -> str:
+def kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
@@ -91,36 +91,36 @@ class StudyConfig:
     resume: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("partition", self.partition, PARTITIONS)
-        _check_choice("model", self.model, MODELS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("selection", self.selection, SELECTIONS)
-        _check_choice("device", self.device, DEVICES)
-        _check_range("num-sites", self.num_sites, 1, 1000)
-        _check_range("num-classes", self.num_classes, 0, 100000)
-        _check_range("in-channels", self.in_channels, 0, 64)
-        _check_range("image-size", self.image_size, 0, 4096)
-        _check_range("alpha", self.alpha, 1e-3, 1e6)
-        _check_range("local-epochs", self.local_epochs, 0, 1000)
-        _check_range("local-steps", self.local_steps, 0, 10**7)
-        _check_range("batch-size", self.batch_size, 1, 65536)
-        _check_range("lr", self.lr, 1e-8, 10.0)
-        _check_range("momentum", self.momentum, 0.0, 1.0)
-        _check_range("weight-decay", self.weight_decay, 0.0, 1.0)
-        _check_range("num-server-rounds", self.num_server_rounds, 1, 100000)
-        _check_range("fraction-train", self.fraction_train, 0.0, 1.0)
-        _check_range("min-sites", self.min_sites, 1, 1000)
-        _check_range("round-timeout", self.round_timeout, 1.0, 7 * 86400.0)
-        _check_range("evaluate-every", self.evaluate_every, 1, 100000)
-        _check_range("proximal-mu", self.proximal_mu, 0.0, 100.0)
-        _check_range("server-lr", self.server_lr, 1e-8, 100.0)
-        _check_range("server-momentum", self.server_momentum, 0.0, 1.0)
-        _check_range("trimmed-beta", self.trimmed_beta, 0.0, 0.49)
-        _check_range("num-malicious", self.num_malicious, 0, 1000)
-        _check_range("qfedavg-q", self.qfedavg_q, 0.0, 100.0)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("partition", self.partition, PARTITIONS)
+        check_choice("model", self.model, MODELS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("selection", self.selection, SELECTIONS)
+        check_choice("device", self.device, DEVICES)
+        check_range("num-sites", self.num_sites, 1, 1000)
+        check_range("num-classes", self.num_classes, 0, 100000)
+        check_range("in-channels", self.in_channels, 0, 64)
+        check_range("image-size", self.image_size, 0, 4096)
+        check_range("alpha", self.alpha, 1e-3, 1e6)
+        check_range("local-epochs", self.local_epochs, 0, 1000)
+        check_range("local-steps", self.local_steps, 0, 10**7)
+        check_range("batch-size", self.batch_size, 1, 65536)
+        check_range("lr", self.lr, 1e-8, 10.0)
+        check_range("momentum", self.momentum, 0.0, 1.0)
+        check_range("weight-decay", self.weight_decay, 0.0, 1.0)
+        check_range("num-server-rounds", self.num_server_rounds, 1, 100000)
+        check_range("fraction-train", self.fraction_train, 0.0, 1.0)
+        check_range("min-sites", self.min_sites, 1, 1000)
+        check_range("round-timeout", self.round_timeout, 1.0, 7 * 86400.0)
+        check_range("evaluate-every", self.evaluate_every, 1, 100000)
+        check_range("proximal-mu", self.proximal_mu, 0.0, 100.0)
+        check_range("server-lr", self.server_lr, 1e-8, 100.0)
+        check_range("server-momentum", self.server_momentum, 0.0, 1.0)
+        check_range("trimmed-beta", self.trimmed_beta, 0.0, 0.49)
+        check_range("num-malicious", self.num_malicious, 0, 1000)
+        check_range("qfedavg-q", self.qfedavg_q, 0.0, 100.0)
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ConfigError(
                 "local-epochs and local-steps are both 0: set local-epochs >= 1 "
@@ -131,6 +131,14 @@ class StudyConfig:
                 "dataset 'medmnist' needs data-path: the path of a MedMNIST .npz file "
                 "(e.g. --data ../shared/data/pneumoniamnist/pneumoniamnist.npz)"
             )
+        if self.dataset == "sites":
+            paths = [p for p in self.data_path.split(",") if p.strip()]
+            if len(paths) != self.num_sites:
+                raise ConfigError(
+                    f"dataset 'sites' needs data-path to list one site.yaml per site, comma-separated: "
+                    f"got {len(paths)} path(s) for num-sites={self.num_sites} "
+                    "(medfed simulate --site-configs a.yaml,b.yaml sets both)"
+                )
         if self.mode == "federated" and self.min_sites > self.num_sites:
             raise ConfigError(
                 f"min-sites={self.min_sites} is larger than num-sites={self.num_sites}: "
@@ -139,19 +147,19 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as the flat kebab-case mapping it was parsed from."""
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+        return {kebab(f.name): getattr(self, f.name) for f in fields(self)}
 
     def replace(self, **changes: Any) -> StudyConfig:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
-def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(allowed)}")
 
 
-def _check_range(key: str, value: float, low: float, high: float) -> None:
+def check_range(key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ConfigError(f"{key}={value} is out of range: allowed {low}..{high}")
 
@@ -174,14 +182,42 @@ def _coerce(key: str, value: Any, target: type) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be a string")
         return str(value)
+    if target is tuple:  # a YAML list or a comma-separated string (node config values are scalars)
+        return _coerce_items(key, value)
     raise ConfigError(f"{key}: unsupported type {target}")  # pragma: no cover
+
+
+def _coerce_items(key: str, value: Any) -> tuple[Any, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(value)
+    raise ConfigError(f"{key}={value!r} must be a list of plain values (or a comma-separated string)")
+
+
+def _coerce_typed(key: str, value: Any, type_name: str) -> Any:
+    """Coerce ``value`` to a field annotated ``type_name`` (a string under postponed annotations)."""
+    if type_name in _TYPES:
+        return _coerce(key, value, _TYPES[type_name])
+    if type_name == "float | None":
+        return None if value is None else _coerce(key, value, float)
+    if type_name in ("tuple[str, ...]", "tuple[float, ...]"):
+        items = _coerce(key, value, tuple)
+        item_type = str if type_name == "tuple[str, ...]" else float
+        try:
+            return tuple(item_type(v) for v in items)
+        except ValueError as exc:
+            raise ConfigError(f"{key}={value!r}: every item must be a number") from exc
+    raise ConfigError(f"{key}: unsupported type {type_name}")  # pragma: no cover
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _parse_dataclass(cls: type, mapping: Mapping[str, Any], what: str) -> Any:
-    known = {_key(f.name): f for f in fields(cls) if f.init}
+def parse_dataclass(cls: type, mapping: Mapping[str, Any], what: str) -> Any:
+    known = {kebab(f.name): f for f in fields(cls) if f.init}
     unknown = sorted(set(mapping) - set(known))
     if unknown:
         raise ConfigError(
@@ -190,13 +226,13 @@ def _parse_dataclass(cls: type, mapping: Mapping[str, Any], what: str) -> Any:
     kwargs = {}
     for key, value in mapping.items():
         f = known[key]
-        kwargs[f.name] = _coerce(key, value, _TYPES[str(f.type)])
+        kwargs[f.name] = _coerce_typed(key, value, str(f.type))
     return cls(**kwargs)
 
 
 def parse_study_config(mapping: Mapping[str, Any]) -> StudyConfig:
     """Parse a flat kebab-case mapping (run config, YAML, CLI) into a StudyConfig."""
-    return _parse_dataclass(StudyConfig, mapping, "study config")
+    return parse_dataclass(StudyConfig, mapping, "study config")
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -215,8 +251,13 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of keys to values, got {type(data).__name__}")
     for key, value in data.items():
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{p}: key {key!r} must be a plain value, not a {type(value).__name__}")
+        if isinstance(value, dict) or (
+            isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)
+        ):
+            raise ConfigError(
+                f"{p}: key {key!r} must be a plain value or a list of plain values, "
+                f"not a nested {type(value).__name__}"
+            )
     return {str(k): v for k, v in data.items()}
 
 
@@ -230,72 +271,3 @@ def load_study_config(path: str | Path, overrides: Mapping[str, Any] | None = No
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-@dataclass(frozen=True)
-class SiteConfig:
-    """One hospital site, from its ``site.yaml`` or the SuperNode's node config."""
-
-    site_id: str
-    data_root: str
-    state_dir: str
-    dataset: str = "medmnist"  # required in site.yaml: a site never trains on a default
-    data_file: str = ""
-    task: str = "classification"
-    shard_index: int = 0
-    shard_count: int = 1
-    server: str = "127.0.0.1:9092"
-    root_cert: str = ""
-    auth_key: str = ""
-    clientappio_port: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.site_id or not all(c.isalnum() or c in "-_." for c in self.site_id):
-            raise ConfigError(
-                f"site-id={self.site_id!r} is not allowed: use letters, digits, '-', '_' or '.'"
-            )
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("task", self.task, ("classification",))
-        _check_range("shard-count", self.shard_count, 1, 10000)
-        _check_range("shard-index", self.shard_index, 0, self.shard_count - 1)
-        _check_range("clientappio-port", self.clientappio_port, 0, 65535)
-        if self.dataset == "medmnist" and not self.data_file:
-            raise ConfigError(
-                "site dataset 'medmnist' needs data-file: the .npz file relative to data-root"
-            )
-
-    def resolve(self, base: Path) -> SiteConfig:
-        """Return a copy whose relative paths are resolved against ``base``."""
-
-        def _abs(p: str) -> str:
-            return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
-
-        return dataclasses.replace(
-            self,
-            data_root=_abs(self.data_root),
-            state_dir=_abs(self.state_dir),
-            root_cert=_abs(self.root_cert),
-            auth_key=_abs(self.auth_key),
-        )
-
-    @property
-    def data_file_path(self) -> Path:
-        return Path(self.data_root) / self.data_file
-
-    def to_dict(self) -> dict[str, Any]:
-        return {_key(f.name): getattr(self, f.name) for f in fields(self) if f.init}
-
-
-def parse_site_config(mapping: Mapping[str, Any]) -> SiteConfig:
-    """Parse a site mapping (site.yaml or node config)."""
-    for required in ("site-id", "data-root", "state-dir", "dataset"):
-        if required not in mapping:
-            raise ConfigError(f"site config is missing required key {required!r}")
-    return _parse_dataclass(SiteConfig, mapping, "site config")
-
-
-def load_site_config(path: str | Path) -> SiteConfig:
-    """Load ``site.yaml``; relative paths are resolved against the file's folder."""
-    try:
-        cfg = parse_site_config(load_yaml_mapping(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return cfg.resolve(Path(path).resolve().parent)

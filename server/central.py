@@ -27,7 +27,7 @@ class CentralData:
 
 
 def load_central(cfg: StudyConfig) -> CentralData | None:
-    from medfed.common.data.federated import load_federated_cached
+    from medfed.common.data.federated import load_study_data
 
     if cfg.dataset == "medmnist" and not Path(cfg.data_path).is_file():
         log.warning(
@@ -35,7 +35,7 @@ def load_central(cfg: StudyConfig) -> CentralData | None:
             cfg.data_path,
         )
         return None
-    fed = load_federated_cached(cfg.dataset, cfg.data_path, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed)
+    fed = load_study_data(cfg)
     return CentralData(fed.info, fed.central_test, fed.central_val)
 
 

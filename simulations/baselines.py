@@ -80,10 +80,10 @@ def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
 def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
     """Run ``cfg.mode`` = centralized or local; writes the same run directory as federated."""
     import torch
-    from medfed.common.data.federated import load_federated_cached
+    from medfed.common.data.federated import load_study_data
 
     t_start = time.perf_counter()
-    fed = load_federated_cached(cfg.dataset, cfg.data_path, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed)
+    fed = load_study_data(cfg)
     spec = model_spec(cfg, fed.info)
     sites = _runtimes(cfg, fed)
     device = resolve_device(cfg.device)

@@ -83,9 +83,12 @@ def test_failure_is_an_error_reply_naming_the_site(tmp_path):
     ctx = _context(_run_config(tmp_path), {"site-id": "hosp-a"})
     reply = app(_message("train"), ctx)
     assert reply.has_error()
-    assert "site hosp-a" in reply.error.reason and "medfed site start" in reply.error.reason
+    # Site-side details (paths, config, data) stay in the site's log ...
+    assert reply.error.reason == "site hosp-a: ConfigError (details in the site's log)"
     bad = _context({"strategy": "nope"}, {"partition-id": 0, "num-partitions": 3})
+    # ... while a fault in the server's own run config is reported back to it.
     assert "strategy='nope'" in app(_message("evaluate"), bad).error.reason
+    assert "partition 0" in app(_message("evaluate"), bad).error.reason
 
 
 def test_client_side_does_not_import_monai_or_opacus(tmp_path):

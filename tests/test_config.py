@@ -7,11 +7,10 @@ import pytest
 from medfed.common.config import (
     STRATEGIES,
     StudyConfig,
-    load_site_config,
     load_study_config,
-    parse_site_config,
     parse_study_config,
 )
+from medfed.common.site_config import load_site_config, parse_site_config
 from medfed.common.errors import ConfigError
 
 

@@ -135,7 +135,7 @@ def _site_yaml(tmp_path: Path, text: str) -> Path:
 
 
 def test_example_site_yamls_parse_in_both_parsers() -> None:
-    from medfed.common.config import load_site_config
+    from medfed.common.site_config import load_site_config
 
     ports = set()
     for name in ("site-a", "site-b"):
@@ -222,7 +222,7 @@ def test_site_yaml_errors(tmp_path: Path, text: str, match: str) -> None:
 
 
 def test_site_yaml_allowed_keys_cover_the_site_format() -> None:
-    from medfed.common.config import SiteConfig
+    from medfed.common.site_config import SiteConfig
 
     assert {"site-id", "data-root", "dataset", "data-file", "task", "state-dir", "server", "root-cert",
             "auth-key", "shard-index", "shard-count"} <= set(SiteConfig("a", "d", "s", dataset="synthetic").to_dict())

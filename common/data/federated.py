@@ -15,14 +15,25 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from medfed.common.config import DATASETS
+from medfed.common.config import StudyConfig
 from medfed.common.data.medmnist import load_medmnist_cached
 from medfed.common.data.partition import SCHEMES, partition_splits
 from medfed.common.data.splits import FederatedData, SiteData
 from medfed.common.data.synthetic import make_synthetic
 from medfed.common.errors import ConfigError
 
-__all__ = ["build_federated_data", "load_federated_cached"]
+_PARTITIONED = ("synthetic", "medmnist")  # datasets split into simulated sites
+
+__all__ = ["build_federated_data", "load_federated_cached", "load_study_data"]
+
+
+def load_study_data(cfg: StudyConfig) -> FederatedData:
+    """The study's data: a partitioned dataset, or real sites described by site.yaml files."""
+    if cfg.dataset == "sites":
+        from medfed.common.intake.federated_sites import load_sites_federated
+
+        return load_sites_federated(cfg.data_path, cfg.image_size, cfg.in_channels)
+    return load_federated_cached(cfg.dataset, cfg.data_path, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed)
 
 
 def build_federated_data(
@@ -34,9 +45,10 @@ def build_federated_data(
     seed: int,
 ) -> FederatedData:
     """Build the sites of a study (see module docstring); deterministic given the arguments."""
-    if dataset not in DATASETS:
+    if dataset not in _PARTITIONED:
         raise ConfigError(
-            f"dataset={dataset!r} is not allowed: choose one of {', '.join(DATASETS)}"
+            f"dataset={dataset!r} is not allowed here: choose one of {', '.join(_PARTITIONED)} "
+            "(site files go through load_study_data)"
         )
     if partition not in SCHEMES:
         raise ConfigError(
