@@ -51,12 +51,12 @@ def _site_record(site_id: str) -> ConfigRecord:
     return ConfigRecord({SiteKey.SITE_ID.value: site_id})
 
 
-def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
+def _error_reply(msg: Message, context: Context, exc: Exception, site_id: str | None = None) -> Message:
     """Log the full reason here; send only what :func:`public_reason` allows."""
     from medfed.client.boundary import public_reason
 
     node = context.node_config
-    who = str(node.get("site-id") or f"partition {node.get('partition-id', '?')}")
+    who = str(site_id or node.get("site-id") or f"partition {node.get('partition-id', '?')}")
     log.error("site %s: %s: %s", who, type(exc).__name__, exc)
     return Message(Error(code=ERROR_CODE_SITE, reason=public_reason(who, exc)), reply_to=msg)
 
@@ -76,6 +76,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     from medfed.client.site_data import resolve_site
     from medfed.client.task import train_round
 
+    site = None
     try:
         cfg = _context_study(context)
         site = resolve_site(context.node_config, cfg)
@@ -91,7 +92,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         )
         return _reply(msg, content, site.site_id)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
-        return _error_reply(msg, context, exc)
+        return _error_reply(msg, context, exc, site.site_id if site else None)
 
 
 @app.evaluate()
@@ -100,6 +101,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     from medfed.client.site_data import resolve_site
     from medfed.client.task import evaluate_round
 
+    site = None
     try:
         cfg = _context_study(context)
         site = resolve_site(context.node_config, cfg)
@@ -114,4 +116,4 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         )
         return _reply(msg, content, site.site_id)
     except Exception as exc:  # noqa: BLE001
-        return _error_reply(msg, context, exc)
+        return _error_reply(msg, context, exc, site.site_id if site else None)

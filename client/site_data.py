@@ -33,6 +33,8 @@ class SiteRuntime:
     info: DatasetInfo
     data: SiteData
     state_dir: Path
+    epsilon: float = 0.0  # the site's own privacy budget (0: none; the study's applies)
+    delta: float = 1e-5
 
 
 def simulation_state_dir(cfg: StudyConfig, site_id: str) -> Path:
@@ -50,7 +52,7 @@ def resolve_site(node_config: Mapping[str, Any], cfg: StudyConfig) -> SiteRuntim
 def site_runtime(site: SiteConfig, cfg: StudyConfig) -> SiteRuntime:
     """The runtime of a site described by its own config (deployment, or simulation over site files)."""
     info, data = _site_data_cached(site, cfg.seed, cfg.image_size, cfg.in_channels)
-    return SiteRuntime(site.site_id, info, data, Path(site.state_dir))
+    return SiteRuntime(site.site_id, info, data, Path(site.state_dir), site.epsilon, site.delta)
 
 
 def _simulated_site(cfg: StudyConfig, partition_id: int, num_partitions: int) -> SiteRuntime:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord
+from medfed.client.privacy import start_round
 from medfed.client.site_data import SiteRuntime
 from medfed.client.site_state import load_local_layers, save_local_layers
 from medfed.common.arrays import arrays_to_state_dict, load_arrays, model_to_arrays
@@ -64,8 +65,13 @@ def train_round(
     settings = TrainSettings.from_study(
         cfg, seed=derive_seed(cfg.seed, server_round, site.site_id), proximal_mu=mu
     )
+    n_train = len(site.data.train)
+    private = start_round(cfg, site, server_round, settings.num_steps(n_train), n_train)
+    if private is not None:
+        model = _dp_model(model, site)
     global_params = arrays_to_state_dict(arrays) if mu > 0 else None
-    result = train(model, site.data.train, settings, device, global_params=global_params)
+    result = train(model, site.data.train, settings, device, global_params=global_params,
+                   dp=None if private is None else private.dp)
     model.cpu()
     if fedbn:
         state = model.state_dict()
@@ -74,15 +80,32 @@ def train_round(
         "site %s round %d: trained %d steps on %d samples, loss %.4f (%.1fs)",
         site.site_id, server_round, result.steps, result.num_examples, result.loss, result.seconds,
     )
-    return TrainReply(
-        arrays=model_to_arrays(model, exclude=local_keys),
-        metrics={
-            MetricKey.NUM_EXAMPLES.value: float(result.num_examples),
-            MetricKey.TRAIN_LOSS.value: result.loss,
-            MetricKey.TRAIN_STEPS.value: float(result.steps),
-            MetricKey.TRAIN_SECONDS.value: result.seconds,
-        },
-    )
+    metrics = {
+        MetricKey.NUM_EXAMPLES.value: float(result.num_examples),
+        MetricKey.TRAIN_STEPS.value: float(result.steps),
+        MetricKey.TRAIN_SECONDS.value: result.seconds,
+    }
+    if private is None:
+        metrics[MetricKey.TRAIN_LOSS.value] = result.loss
+    else:  # the training loss is not covered by the accountant: it stays at the site
+        metrics.update(private.metrics())
+        log.info("site %s round %d: epsilon spent %.3f of %g", site.site_id, server_round,
+                 private.ledger.spent(), private.ledger.epsilon_budget)
+    return TrainReply(arrays=model_to_arrays(model, exclude=local_keys), metrics=metrics)
+
+
+def _dp_model(model, site: SiteRuntime):
+    """The model checked (and fixed) for DP-SGD; refused models raise with the reason."""
+    import torch
+    from medfed.client.boundary import PublicSiteError
+    from medfed.common.dp.model_check import DPModelError, check_per_sample_gradients, prepare_dp_model
+
+    try:
+        model = prepare_dp_model(model)
+        check_per_sample_gradients(model, torch.from_numpy(site.data.train.images[:3]), site.info.num_classes)
+    except DPModelError as exc:  # about the study's model, not the site's data: tell the server
+        raise PublicSiteError(str(exc)) from exc
+    return model
 
 
 def evaluate_round(

@@ -49,6 +49,10 @@ _SIM_FLAGS: dict[str, str] = {
     "selection": "selection",
     "evaluate_every": "evaluate-every",
     "device": "device",
+    "epsilon": "epsilon",
+    "delta": "delta",
+    "max_grad_norm": "max-grad-norm",
+    "dp_accountant": "dp-accountant",
 }
 
 
@@ -84,6 +88,11 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--selection", help="val-auc (default: best round on validation) or last")
     p.add_argument("--evaluate-every", type=int, help="federated evaluation every N rounds (default 1)")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
+    p.add_argument("--epsilon", type=float, help="DP-SGD at every site: each site's epsilon budget for the "
+                   "whole study (default 0: no DP)")
+    p.add_argument("--delta", type=float, help="DP delta per site (default 1e-5)")
+    p.add_argument("--max-grad-norm", type=float, help="DP-SGD per-sample clipping norm (default 1.0)")
+    p.add_argument("--dp-accountant", help="rdp (default) or prv")
     p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
     p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
     p.set_defaults(func=cmd_simulate)

@@ -85,6 +85,12 @@ class StudyConfig:
     trimmed_beta: float = 0.2
     num_malicious: int = 0
     qfedavg_q: float = 0.1
+    # record-level DP-SGD at every site (epsilon 0: off). A deployed site's own budget wins if lower.
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
+    max_physical_batch: int = 128
     # outputs
     selection: str = "val-auc"
     out_dir: str = "runs/latest"
@@ -121,6 +127,11 @@ class StudyConfig:
         check_range("trimmed-beta", self.trimmed_beta, 0.0, 0.49)
         check_range("num-malicious", self.num_malicious, 0, 1000)
         check_range("qfedavg-q", self.qfedavg_q, 0.0, 100.0)
+        check_range("epsilon", self.epsilon, 0.0, 1000.0)
+        check_range("delta", self.delta, 1e-12, 0.1)
+        check_range("max-grad-norm", self.max_grad_norm, 1e-6, 1e6)
+        check_choice("dp-accountant", self.dp_accountant, ("rdp", "prv"))
+        check_range("max-physical-batch", self.max_physical_batch, 1, 65536)
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ConfigError(
                 "local-epochs and local-steps are both 0: set local-epochs >= 1 "

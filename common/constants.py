@@ -63,6 +63,12 @@ class MetricKey(str, Enum):
     SPECIFICITY = "specificity"
     VAL_HIST_POS = "val-hist-pos"
     VAL_HIST_NEG = "val-hist-neg"
+    # record-level DP at the site (see medfed.common.dp)
+    EPSILON = "epsilon"  # ε spent so far by the site, over every study its ledger has seen
+    DELTA = "delta"
+    EPSILON_BUDGET = "epsilon-budget"
+    NOISE_MULTIPLIER = "noise-multiplier"
+    DP_ACCOUNTANT = "dp-accountant"  # index into medfed.common.dp.accounting.ACCOUNTANTS (0 rdp, 1 prv)
 
 
 NUM_HIST_BINS = 100
@@ -70,3 +76,12 @@ NUM_HIST_BINS = 100
 
 SPLITS = ("val", "test")
 """Splits a site evaluates the global model on; never the training split."""
+
+BUDGET_EXHAUSTED = "privacy budget exhausted"
+"""Phrase in a site's error reply when a round would exceed its privacy budget (the server stops on it)."""
+
+DP_METRICS = (
+    MetricKey.EPSILON, MetricKey.DELTA, MetricKey.EPSILON_BUDGET, MetricKey.NOISE_MULTIPLIER,
+    MetricKey.DP_ACCOUNTANT,
+)
+"""Privacy metrics a DP site reports with every training reply."""

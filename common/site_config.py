@@ -71,6 +71,9 @@ class SiteConfig:
     split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)
     split_seed: int = 0
     cache_max_mb: float = 2048.0  # preprocessing cache bound on disk; 0 turns it off
+    # the site's own privacy budget for everything it ever trains (0: none; a study's may be lower)
+    epsilon: float = 0.0
+    delta: float = 1e-5
     # how the site connects
     server: str = "127.0.0.1:9092"
     root_cert: str = ""
@@ -94,6 +97,8 @@ class SiteConfig:
         check_choice("channels", str(self.channels), ("1", "3"))
         check_range("frame", self.frame, -1, 100000)
         check_range("cache-max-mb", self.cache_max_mb, 0.0, 10.0**7)
+        check_range("epsilon", self.epsilon, 0.0, 1000.0)
+        check_range("delta", self.delta, 1e-12, 0.1)
         self._check_source()
         self._check_window()
         self._check_fractions()

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from medfed.common.data.splits import ImageSplit
 from medfed.common.errors import ConfigError, DataError
 from medfed.common.optim import SGD, Adam
 from torch import nn
+
+if TYPE_CHECKING:
+    from medfed.common.dp.engine import DPSettings
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +112,13 @@ def train(
     settings: TrainSettings,
     device: torch.device,
     global_params: Mapping[str, torch.Tensor] | None = None,
+    dp: DPSettings | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``data`` for one round; returns loss, steps and samples."""
+    """Train ``model`` in place on ``data`` for one round; returns loss, steps and samples.
+
+    With ``dp``, the same loop runs DP-SGD (:mod:`medfed.common.dp.engine`): Poisson
+    batches, per-sample clipping and noise; ``steps`` then counts logical (Poisson) steps.
+    """
     n = len(data)
     if n == 0:
         raise DataError("this site has no training samples: check its data file and split")
@@ -119,30 +128,54 @@ def train(
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels)
     model.to(device).train()
-    opt = _optimizer(model, settings)
     loss_fn = nn.CrossEntropyLoss()
     prox = None
     if settings.proximal_mu > 0 and global_params is not None:
+        if dp is not None:
+            raise ConfigError("FedProx's proximal term is not covered by DP-SGD here: use proximal-mu 0 with DP")
         named = dict(model.named_parameters())
         prox = [(named[k], global_params[k].to(device)) for k in named if k in global_params]
     steps = settings.num_steps(n)
-    total = 0.0
-    for idx in _batches(n, settings.batch_size, steps, gen):
-        x = images[idx].to(device, non_blocking=True)
-        y = labels[idx].to(device, non_blocking=True)
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        if prox:
-            penalty = sum(torch.sum((w - w0) ** 2) for w, w0 in prox)
-            loss = loss + 0.5 * settings.proximal_mu * penalty
-        loss.backward()
-        opt.step()
-        total += float(loss.detach())
+    forward, opt, batches, close = _plan(model, images, labels, steps, settings, gen, dp)
+    try:
+        total = _run(forward, opt, batches, loss_fn, prox, settings.proximal_mu, device)
+    finally:
+        close()
     if not math.isfinite(total):
         raise FloatingPointError("training loss is not finite: lower the learning rate (lr)")
     return TrainResult(
         loss=total / max(steps, 1), steps=steps, num_examples=n, seconds=time.perf_counter() - t0
     )
+
+
+def _run(forward, opt, batches, loss_fn, prox, mu: float, device: torch.device) -> float:
+    """The loop body shared by plain and DP-SGD training; returns the summed batch losses."""
+    total = 0.0
+    for x, y in batches:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        opt.zero_grad()
+        loss = loss_fn(forward(x), y)
+        if prox:
+            penalty = sum(torch.sum((w - w0) ** 2) for w, w0 in prox)
+            loss = loss + 0.5 * mu * penalty
+        loss.backward()
+        opt.step()
+        if len(y):  # a Poisson batch may be empty: its mean loss is NaN and means nothing
+            total += float(loss.detach())
+    return total
+
+
+def _plan(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, s: TrainSettings,
+          gen: torch.Generator, dp: DPSettings | None):
+    """(module to call, optimizer, batches, cleanup) for the loop: plain shuffled batches, or DP-SGD's."""
+    if dp is None:
+        batches = ((images[idx], labels[idx]) for idx in _batches(len(labels), s.batch_size, steps, gen))
+        return model, _optimizer(model, s), batches, lambda: None
+    from medfed.common.dp.engine import private_plan
+
+    plan = private_plan(model, images, labels, steps, dp, s.optimizer, s.lr, s.momentum, s.weight_decay, gen)
+    return plan.model, plan.optimizer, plan.batches, plan.close
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from medfed.common.arrays import arrays_to_state_dict
 from medfed.common.checkpoint import Checkpoint, load_checkpoint
 from medfed.common.config import StudyConfig
-from medfed.common.constants import ConfigKey, MetricKey
+from medfed.common.constants import BUDGET_EXHAUSTED, DP_METRICS, ConfigKey, MetricKey
 from medfed.common.errors import ConfigError
 from medfed.common.models import ModelSpec, model_spec
 from medfed.common.training import derive_seed
@@ -50,6 +50,7 @@ class _State:
     selection: Selection
     start_round: int
     last_sites: dict[str, dict[str, Any]]
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest DP metrics
 
 
 POLL_INTERVAL_S = 0.2
@@ -112,7 +113,7 @@ def _initial_state(cfg: StudyConfig, spec: ModelSpec, strategy: Strategy, record
         recorder.truncate_after(ckpt.round)
         log.info("resuming from %s: round %d done, continuing at round %d", cfg.resume, ckpt.round, ckpt.round + 1)
         return _State(arrays, best, Selection.from_dict(ckpt.selection), ckpt.round + 1,
-                      dict(ckpt.metrics.get("sites", {})))
+                      dict(ckpt.metrics.get("sites", {})), dict(ckpt.metrics.get("privacy", {})))
     torch.manual_seed(cfg.seed)
     arrays = model_to_arrays(build_model(spec))
     recorder.reset()
@@ -144,7 +145,8 @@ def _site_rows(train_ok: list[Message], evals: dict[str, dict]) -> dict[str, dic
         m = msg.content["metrics"]
         rows.setdefault(site_of(msg) or "?", {}).update(
             {k: float(m[k]) for k in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value,
-                                      MetricKey.TRAIN_STEPS.value, MetricKey.TRAIN_SECONDS.value) if k in m}
+                                      MetricKey.TRAIN_STEPS.value, MetricKey.TRAIN_SECONDS.value,
+                                      *(d.value for d in DP_METRICS)) if k in m}
         )
     for site, metrics in evals.items():
         row = rows.setdefault(site, {})
@@ -186,6 +188,10 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         train_replies = send_and_receive(grid, train_msgs, cfg.round_timeout)
         train_s = time.perf_counter() - t0
         train_ok, failures = screen_train_replies(train_replies, st.arrays, allow_subset=fedbn)
+        if not train_ok and failures and all(BUDGET_EXHAUSTED in f.reason for f in failures):
+            log.warning("round %d: every site has exhausted its privacy budget: the study stops after "
+                        "round %d", rnd, rnd - 1)
+            break
         agg_metrics = None
         if train_ok:
             new_arrays, agg_metrics = strategy.aggregate_train(rnd, train_ok)
@@ -209,6 +215,8 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         test_metrics = _central_test(spec, st.arrays, central, cfg, pooled.threshold)
         sites = _site_rows(train_ok, per_site_eval)
         st.last_sites = sites
+        for site, row in sites.items():  # privacy spent persists for sites that stop training
+            st.privacy[site] = {d.value: row[d.value] for d in DP_METRICS if d.value in row} or st.privacy.get(site, {})
         record = {
             "round": rnd,
             "time": {"round-s": time.perf_counter() - t_round, "train-s": train_s, "evaluate-s": eval_s},
@@ -228,7 +236,7 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
                 state_dict=arrays_to_state_dict(st.arrays),
                 config=cfg.to_dict(),
                 round=rnd,
-                metrics={"sites": sites, "val": pooled.metrics, "test": test_metrics},
+                metrics={"sites": sites, "val": pooled.metrics, "test": test_metrics, "privacy": st.privacy},
                 strategy_state=_tensor_state(strategy),
                 selection=st.selection.to_dict(),
                 best_state_dict=arrays_to_state_dict(st.best_arrays),
@@ -263,6 +271,7 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
         for key in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value):
             if key in st.last_sites.get(site, {}):
                 row[key] = st.last_sites[site][key]
+        row.update(st.privacy.get(site, {}))
     summary = {
         "mode": "federated",
         "strategy": cfg.strategy,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.common import metrics as mk
+from medfed.common.constants import MetricKey
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ PLOTS = (
     ("val-auc", "site_val_auc.png", "Validation AUC by round"),
     ("test-auc", "site_test_auc.png", "Test AUC by round"),
     ("train-loss", "train_loss.png", "Training loss by round"),
+    ("epsilon", "site_epsilon.png", "Privacy spent (epsilon) per site by round"),
 )
 
 # Sections of a metrics.jsonl record that hold the pooled/global value of "<section>-<metric>".
@@ -359,6 +361,23 @@ def _failures(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
     return ["## Failures", "", *_md_table(["round", "site", "node", "reason"], rows), ""]
 
 
+def _privacy(summary: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """ε spent per site per round (record-level DP at the sites), when the study used it."""
+    if not has_metric(rounds, MetricKey.EPSILON.value):
+        return []
+    sites = _site_ids(rounds)
+    final = summary.get("sites") or {}
+    budgets = [_fmt(final.get(s, {}).get(MetricKey.EPSILON_BUDGET.value), 3) for s in sites]
+    deltas = {final.get(s, {}).get(MetricKey.DELTA.value) for s in sites} - {None}
+    lines = ["## Privacy (record-level DP-SGD at each site)", "",
+             f"Epsilon spent by each site after each round it trained (delta {', '.join(map(str, sorted(deltas))) or '?'}); "
+             "the sites' own ledgers hold the authoritative values.", ""]
+    table = [[str(r.get("round")), *(_fmt((r.get("sites") or {}).get(s, {}).get(MetricKey.EPSILON.value), 3) for s in sites)]
+             for r in rounds]
+    table.append(["budget", *budgets])
+    return [*lines, *_md_table(["round", *sites], table), ""]
+
+
 def _plots(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
     lines = ["## Plots", ""]
     for metric, file_name, title in PLOTS:
@@ -384,6 +403,7 @@ def write_report(run_dir: Path | str) -> Path:
         *_site_table(summary, rounds),
         *_totals(summary, rounds),
         *_failures(rounds),
+        *_privacy(summary, rounds),
         *_plots(run_dir, rounds),
     ]
     out = run_dir / REPORT_FILE

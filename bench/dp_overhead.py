@@ -1,0 +1,146 @@
+"""DP-SGD overhead of medfed's training loop on the CPU: time per optimizer step and peak memory.
+
+The default classifier (``build_model(ModelSpec("cnn", 1, 2, 28))``, 28x28 grayscale, two
+classes) is trained on ``--n`` random images through :func:`medfed.common.training.train`,
+the path every site runs, with ``TrainSettings(steps=K, batch_size=B, optimizer="sgd",
+lr=0.05)``: plainly, and with DP-SGD (Opacus per-sample gradients, clipping to 1.0, noise
+multiplier 1.0, Poisson sampling with ``sample_rate = B / n``).
+
+A Poisson batch exceeds its expected size ``B`` about half the time, so with
+``max_physical_batch = B`` those steps would take a second forward/backward pass for the
+few extra records. The default physical limit is ``B + 4*sqrt(B)``: one physical chunk per
+step in practice; ``--physical-batch 0`` sets it to ``B`` exactly to see that cost.
+
+Each configuration runs in a fresh Python process: warm-up steps, then ``--repeats`` timed
+calls of ``--steps`` steps each (the per-call set-up, e.g. Opacus's wrapping, is included,
+as in a real round); the median seconds per step is reported. Peak memory is the process's
+peak RSS (``ru_maxrss``) minus its RSS just before the first training call (data, model and
+imports already loaded). Target: DP <= 2.0x the plain time per step.
+
+Usage:
+    python bench/dp_overhead.py [--batches 64 256] [--n 2048] [--steps 30] [--repeats 3]
+                                [--physical-batch -1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 2.0
+
+
+def _rss_mib() -> float:
+    """Current resident set size (not the peak) from /proc, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+
+
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def physical_batch(batch: int, option: int) -> int:
+    if option < 0:
+        return batch + math.ceil(4 * math.sqrt(batch))
+    return option or batch
+
+
+def worker(mode: str, batch: int, n: int, steps: int, repeats: int, warmup: int, physical: int) -> dict:
+    """One configuration, in this (fresh) process: seconds per step and peak memory."""
+    import numpy as np
+    import torch
+    from medfed.common.data.splits import ImageSplit
+    from medfed.common.dp.engine import DPSettings
+    from medfed.common.models import ModelSpec, build_model
+    from medfed.common.training import TrainSettings, train
+
+    import opacus  # noqa: F401  (loaded before the baseline in both modes: not counted as training memory)
+
+    rng = np.random.default_rng(0)
+    data = ImageSplit(rng.random((n, 1, 28, 28), dtype=np.float32), rng.integers(0, 2, n).astype(np.int64))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("cnn", 1, 2, 28))
+    dp = None
+    if mode == "dp":
+        dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=batch / n,
+                        max_physical_batch=physical_batch(batch, physical))
+    cpu = torch.device("cpu")
+
+    def run(k: int, seed: int) -> float:
+        settings = TrainSettings(steps=k, batch_size=batch, optimizer="sgd", lr=0.05, seed=seed)
+        t0 = time.perf_counter()
+        train(model, data, settings, cpu, dp=dp)
+        return (time.perf_counter() - t0) / k
+
+    rss_before, peak_before = _rss_mib(), _peak_rss_mib()
+    run(warmup, seed=0)
+    per_step = [run(steps, seed=1 + r) for r in range(repeats)]
+    peak = _peak_rss_mib()
+    return {"mode": mode, "batch": batch, "s_per_step": statistics.median(per_step), "all": per_step,
+            "rss_before_mib": rss_before, "peak_before_mib": peak_before, "peak_mib": peak,
+            "train_mib": peak - rss_before, "threads": torch.get_num_threads(),
+            "physical": dp.max_physical_batch if dp else batch}
+
+
+def measure(mode: str, batch: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--batches", str(batch),
+           "--n", str(args.n), "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--warmup", str(args.warmup), "--physical-batch", str(args.physical_batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} batch {batch} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--n", type=int, default=2048, help="random training images (default 2048)")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per timed call")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (median)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    ap.add_argument("--physical-batch", type=int, default=-1,
+                    help="DP max_physical_batch: -1 = B + 4*sqrt(B) (default), 0 = B, else this value")
+    ap.add_argument("--worker", choices=["plain", "dp"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.batches[0], args.n, args.steps, args.repeats, args.warmup,
+                                args.physical_batch)))
+        return 0
+
+    rows = [(b, measure("plain", b, args), measure("dp", b, args)) for b in args.batches]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch threads: {rows[0][1]['threads']}  CPUs: {os.cpu_count()}  load average: {load}")
+    print(f"n={args.n} images 1x28x28, model cnn, sgd lr 0.05; DP: noise 1.0, clip 1.0, q=B/n; "
+          f"{args.steps} steps x {args.repeats} repeats (median)")
+    print(f"{'batch':>5} {'phys':>5} {'plain s/step':>13} {'DP s/step':>10} {'ratio':>6} "
+          f"{'plain peak MiB':>15} {'DP peak MiB':>12} {'ratio':>6}")
+    worst = 0.0
+    for b, plain, dp in rows:
+        ratio = dp["s_per_step"] / plain["s_per_step"]
+        worst = max(worst, ratio)
+        mem_ratio = dp["train_mib"] / plain["train_mib"] if plain["train_mib"] > 0 else float("nan")
+        print(f"{b:>5} {dp['physical']:>5} {plain['s_per_step']:>13.4f} {dp['s_per_step']:>10.4f} {ratio:>5.2f}x "
+              f"{plain['train_mib']:>15.1f} {dp['train_mib']:>12.1f} {mem_ratio:>5.2f}x")
+    print(f"target DP <= {TARGET:.1f}x plain time per step: {'met' if worst <= TARGET else 'NOT met'} "
+          f"(worst {worst:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""DP-SGD plumbing from Opacus for the shared training loop.
+
+:func:`private_plan` returns what :func:`medfed.common.training.train` needs to run its
+one loop privately: the model wrapped for per-sample gradients (hooks mode, the fastest
+reliable mode on CPU), Opacus's ``DPOptimizer`` (flat clipping to ``max_grad_norm``,
+Gaussian noise ``noise_multiplier * max_grad_norm``), and batches drawn by Poisson
+sampling (each record joins each step independently with probability ``sample_rate``,
+as the accountant assumes), split into physical batches of at most
+``max_physical_batch`` by Opacus's ``BatchMemoryManager`` to bound memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from medfed.common.errors import ConfigError
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+    sample_rate: float = 0.01
+    max_physical_batch: int = 128
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier >= 0 and self.max_grad_norm > 0 and 0 < self.sample_rate <= 1
+                and self.max_physical_batch >= 1):
+            raise ConfigError(
+                f"invalid DP settings {self}: noise_multiplier >= 0, max_grad_norm > 0, "
+                "0 < sample_rate <= 1 and max_physical_batch >= 1 are required"
+            )
+
+
+@dataclass
+class PrivatePlan:
+    model: nn.Module  # the GradSampleModule to call forward on
+    optimizer: object  # opacus DPOptimizer
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+    def close(self) -> None:
+        """Remove Opacus's hooks and per-sample gradients: the model is a plain module again."""
+        self.model.cleanup()
+        for p in self.model.parameters():  # DPOptimizer's un-noised sum of clipped per-sample gradients
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad
+
+
+def _torch_optimizer(params, optimizer: str, lr: float, momentum: float, weight_decay: float):
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def private_plan(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, dp: DPSettings,
+                 optimizer: str, lr: float, momentum: float, weight_decay: float,
+                 generator: torch.Generator) -> PrivatePlan:
+    """Wrap ``model`` and draw ``steps`` Poisson batches (physical chunks yielded in order)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    n = int(labels.shape[0])
+    expected = max(1, round(dp.sample_rate * n))
+    opt = DPOptimizer(
+        _torch_optimizer(gsm.parameters(), optimizer, lr, momentum, weight_decay),
+        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=expected, loss_reduction="mean", generator=None,
+    )
+    return PrivatePlan(gsm, opt, _batches(images, labels, steps, dp, opt, generator))
+
+
+def _batches(images, labels, steps, dp, opt, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Poisson logical batches (Opacus's sampler), each split into physical chunks as Opacus's
+    BatchMemoryManager does: the optimizer accumulates and skips all but the last chunk."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(
+        num_samples=int(labels.shape[0]), sample_rate=dp.sample_rate, generator=generator, steps=steps
+    )
+    for batch in sampler:
+        idx = torch.as_tensor(batch, dtype=torch.long)
+        chunks = list(idx.split(dp.max_physical_batch)) or [idx]
+        for i, chunk in enumerate(chunks):
+            opt.signal_skip_step(do_skip=i < len(chunks) - 1)
+            yield images[chunk], labels[chunk]

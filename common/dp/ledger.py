@@ -1,0 +1,122 @@
+"""The site's privacy ledger: its (ε, δ) budget and every DP step it has taken, on disk.
+
+One JSON file in the site's state directory, written atomically. It holds the budget
+(which can only ever be lowered), the accountant, the noise multiplier calibrated once for
+the planned schedule, and the Opacus history of ``(σ, q, steps)``. Before a round the site
+asks :meth:`PrivacyLedger.project` what ε the planned steps would reach and refuses the
+round if that exceeds the budget; the steps are then recorded *before* training
+(write-ahead), so a crash mid-round over-counts, never under-counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from medfed.common.constants import BUDGET_EXHAUSTED
+from medfed.common.dp.accounting import epsilon_of
+from medfed.common.errors import DataError
+
+LEDGER_FILE = "privacy-ledger.json"
+LEDGER_VERSION = 1
+
+
+class BudgetExhausted(Exception):
+    """The planned round would take the site past its privacy budget."""
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    epsilon_budget: float
+    delta: float
+    accountant: str = "rdp"
+    noise_multiplier: float | None = None  # calibrated once, for the whole planned schedule
+    sample_rate: float | None = None
+    planned_steps: int = 0
+    study: str = ""  # the study the noise was calibrated for (client.privacy.study_key)
+    history: tuple[tuple[float, float, int], ...] = ()
+    rounds: tuple[dict[str, Any], ...] = field(default_factory=tuple)  # {"round", "steps", "epsilon"}
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def spent(self) -> float:
+        return epsilon_of(self.history, self.delta, self.accountant)
+
+    def project(self, steps: int, noise_multiplier: float, sample_rate: float) -> float:
+        """ε after ``steps`` more steps at (σ, q)."""
+        return epsilon_of((*self.history, (noise_multiplier, sample_rate, steps)), self.delta, self.accountant)
+
+    def charge(self, server_round: int, steps: int, noise_multiplier: float, sample_rate: float) -> PrivacyLedger:
+        """The ledger with ``steps`` more steps, or :class:`BudgetExhausted` if that is over budget."""
+        after = self.project(steps, noise_multiplier, sample_rate)
+        if after > self.epsilon_budget * (1 + 1e-9):
+            raise BudgetExhausted(
+                f"{BUDGET_EXHAUSTED}: spent epsilon={self.spent():.3f} of {self.epsilon_budget:g} "
+                f"(delta={self.delta:g}); round {server_round} ({steps} steps) would reach {after:.3f}"
+            )
+        return replace(
+            self,
+            history=(*self.history, (float(noise_multiplier), float(sample_rate), int(steps))),
+            rounds=(*self.rounds, {"round": int(server_round), "steps": int(steps), "epsilon": after}),
+        )
+
+    def with_budget(self, epsilon: float, delta: float) -> PrivacyLedger:
+        """The ledger with the lower of its budget and (ε, δ): a budget is never raised."""
+        return replace(self, epsilon_budget=min(self.epsilon_budget, epsilon), delta=min(self.delta, delta))
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["history"] = [list(h) for h in self.history]
+        d["rounds"] = list(self.rounds)
+        return {"version": LEDGER_VERSION, **d, "epsilon-spent": self.spent()}
+
+    def save(self, state_dir: str | Path) -> Path:
+        path = Path(state_dir) / LEDGER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ledger-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, state_dir: str | Path) -> PrivacyLedger | None:
+        path = Path(state_dir) / LEDGER_FILE
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if d.get("version") != LEDGER_VERSION:
+                raise ValueError(f"version {d.get('version')} (expected {LEDGER_VERSION})")
+            ledger = cls(
+                epsilon_budget=float(d["epsilon_budget"]), delta=float(d["delta"]),
+                accountant=str(d["accountant"]),
+                noise_multiplier=None if d["noise_multiplier"] is None else float(d["noise_multiplier"]),
+                sample_rate=None if d["sample_rate"] is None else float(d["sample_rate"]),
+                planned_steps=int(d["planned_steps"]),
+                study=str(d.get("study", "")),
+                history=tuple((float(s), float(q), int(n)) for s, q, n in d["history"]),
+                rounds=tuple(dict(r) for r in d["rounds"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"{path} is unreadable ({exc}): the site's privacy ledger must not be guessed; "
+                "restore it from backup, or retire this site's budget"
+            ) from exc
+        if not math.isfinite(ledger.spent()):
+            raise DataError(f"{path}: the recorded history gives a non-finite epsilon")
+        return ledger
