@@ -11,11 +11,12 @@ A Poisson batch exceeds its expected size ``B`` about half the time, so with
 few extra records. The default physical limit is ``B + 4*sqrt(B)``: one physical chunk per
 step in practice; ``--physical-batch 0`` sets it to ``B`` exactly to see that cost.
 
-Each configuration runs in a fresh Python process: warm-up steps, then ``--repeats`` timed
-calls of ``--steps`` steps each (the per-call set-up, e.g. Opacus's wrapping, is included,
-as in a real round); the median seconds per step is reported. Peak memory is the process's
-peak RSS (``ru_maxrss``) minus its RSS just before the first training call (data, model and
-imports already loaded). Target: DP <= 2.0x the plain time per step.
+Time: after warm-up, ``--repeats`` timed calls of ``--steps`` steps each, plain and DP calls
+interleaved in one process so that load from other processes slows both alike (the per-call
+set-up, e.g. Opacus's wrapping, is included, as in a real round); the median seconds per
+step is reported. Memory: each configuration in a fresh Python process, its peak RSS
+(``ru_maxrss``) while training minus its RSS just before the first training call (data,
+model, torch and Opacus already loaded). Target: DP <= 2.0x the plain time per step.
 
 Usage:
     python bench/dp_overhead.py [--batches 64 256] [--n 2048] [--steps 30] [--repeats 3]
@@ -59,16 +60,14 @@ def physical_batch(batch: int, option: int) -> int:
     return option or batch
 
 
-def worker(mode: str, batch: int, n: int, steps: int, repeats: int, warmup: int, physical: int) -> dict:
-    """One configuration, in this (fresh) process: seconds per step and peak memory."""
+def _setup(mode: str, batch: int, n: int, physical: int):
+    """(run(k, seed) -> seconds per step) for one configuration on its own copy of the model."""
     import numpy as np
     import torch
     from medfed.common.data.splits import ImageSplit
     from medfed.common.dp.engine import DPSettings
     from medfed.common.models import ModelSpec, build_model
     from medfed.common.training import TrainSettings, train
-
-    import opacus  # noqa: F401  (loaded before the baseline in both modes: not counted as training memory)
 
     rng = np.random.default_rng(0)
     data = ImageSplit(rng.random((n, 1, 28, 28), dtype=np.float32), rng.integers(0, 2, n).astype(np.int64))
@@ -86,21 +85,39 @@ def worker(mode: str, batch: int, n: int, steps: int, repeats: int, warmup: int,
         train(model, data, settings, cpu, dp=dp)
         return (time.perf_counter() - t0) / k
 
+    return run
+
+
+def time_batch(batch: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per step, plain and DP calls interleaved (a busy machine slows both alike)."""
+    runs = {mode: _setup(mode, batch, args.n, args.physical_batch) for mode in ("plain", "dp")}
+    for run in runs.values():
+        run(args.warmup, seed=0)
+    times: dict[str, list[float]] = {"plain": [], "dp": []}
+    for r in range(args.repeats):
+        for mode, run in runs.items():
+            times[mode].append(run(args.steps, seed=1 + r))
+    return times
+
+
+def memory_worker(mode: str, batch: int, args: argparse.Namespace) -> dict:
+    """In a fresh process: peak RSS while training minus the RSS just before."""
+    import opacus  # noqa: F401  (loaded before the baseline in both modes: not training memory)
+    import torch
+
+    run = _setup(mode, batch, args.n, args.physical_batch)
     rss_before, peak_before = _rss_mib(), _peak_rss_mib()
-    run(warmup, seed=0)
-    per_step = [run(steps, seed=1 + r) for r in range(repeats)]
+    run(args.warmup + args.steps, seed=0)
     peak = _peak_rss_mib()
-    return {"mode": mode, "batch": batch, "s_per_step": statistics.median(per_step), "all": per_step,
-            "rss_before_mib": rss_before, "peak_before_mib": peak_before, "peak_mib": peak,
-            "train_mib": peak - rss_before, "threads": torch.get_num_threads(),
-            "physical": dp.max_physical_batch if dp else batch}
+    return {"rss_before_mib": rss_before, "peak_before_mib": peak_before, "peak_mib": peak,
+            "train_mib": peak - rss_before, "threads": torch.get_num_threads()}
 
 
-def measure(mode: str, batch: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--batches", str(batch),
-           "--n", str(args.n), "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup), "--physical-batch", str(args.physical_batch)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+def measure_memory(mode: str, batch: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", mode, "--batches", str(batch),
+           "--n", str(args.n), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--physical-batch", str(args.physical_batch)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} batch {batch} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -115,28 +132,33 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--physical-batch", type=int, default=-1,
                     help="DP max_physical_batch: -1 = B + 4*sqrt(B) (default), 0 = B, else this value")
-    ap.add_argument("--worker", choices=["plain", "dp"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", choices=["plain", "dp"], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.batches[0], args.n, args.steps, args.repeats, args.warmup,
-                                args.physical_batch)))
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker, args.batches[0], args)))
         return 0
 
-    rows = [(b, measure("plain", b, args), measure("dp", b, args)) for b in args.batches]
+    import torch
+
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"torch threads: {rows[0][1]['threads']}  CPUs: {os.cpu_count()}  load average: {load}")
-    print(f"n={args.n} images 1x28x28, model cnn, sgd lr 0.05; DP: noise 1.0, clip 1.0, q=B/n; "
-          f"{args.steps} steps x {args.repeats} repeats (median)")
+    print(f"torch threads: {torch.get_num_threads()}  CPUs: {os.cpu_count()}  load average before: {load}")
+    print(f"n={args.n} random images 1x28x28, model cnn, sgd lr 0.05; DP: noise 1.0, clip 1.0, q=B/n; "
+          f"{args.steps} steps x {args.repeats} repeats, plain/DP interleaved (median s/step)")
     print(f"{'batch':>5} {'phys':>5} {'plain s/step':>13} {'DP s/step':>10} {'ratio':>6} "
           f"{'plain peak MiB':>15} {'DP peak MiB':>12} {'ratio':>6}")
     worst = 0.0
-    for b, plain, dp in rows:
-        ratio = dp["s_per_step"] / plain["s_per_step"]
+    for b in args.batches:
+        times = time_batch(b, args)
+        plain, dp = statistics.median(times["plain"]), statistics.median(times["dp"])
+        mem = {mode: measure_memory(mode, b, args)["train_mib"] for mode in ("plain", "dp")}
+        ratio = dp / plain
         worst = max(worst, ratio)
-        mem_ratio = dp["train_mib"] / plain["train_mib"] if plain["train_mib"] > 0 else float("nan")
-        print(f"{b:>5} {dp['physical']:>5} {plain['s_per_step']:>13.4f} {dp['s_per_step']:>10.4f} {ratio:>5.2f}x "
-              f"{plain['train_mib']:>15.1f} {dp['train_mib']:>12.1f} {mem_ratio:>5.2f}x")
+        mem_ratio = mem["dp"] / mem["plain"] if mem["plain"] > 0 else float("nan")
+        print(f"{b:>5} {physical_batch(b, args.physical_batch):>5} {plain:>13.4f} {dp:>10.4f} {ratio:>5.2f}x "
+              f"{mem['plain']:>15.1f} {mem['dp']:>12.1f} {mem_ratio:>5.2f}x", flush=True)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average after: {load}")
     print(f"target DP <= {TARGET:.1f}x plain time per step: {'met' if worst <= TARGET else 'NOT met'} "
           f"(worst {worst:.2f}x)")
     return 0

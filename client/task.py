@@ -85,6 +85,8 @@ def train_round(
         MetricKey.TRAIN_STEPS.value: float(result.steps),
         MetricKey.TRAIN_SECONDS.value: result.seconds,
     }
+    if config.get(ConfigKey.CENTRAL_DP.value):
+        metrics[MetricKey.UNIT_WEIGHT.value] = 1.0
     if private is None:
         metrics[MetricKey.TRAIN_LOSS.value] = result.loss
     else:  # the training loss is not covered by the accountant: it stays at the site

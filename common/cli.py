@@ -53,6 +53,10 @@ _SIM_FLAGS: dict[str, str] = {
     "delta": "delta",
     "max_grad_norm": "max-grad-norm",
     "dp_accountant": "dp-accountant",
+    "central_dp": "central-dp",
+    "central_noise": "central-noise",
+    "central_clip": "central-clip",
+    "central_epsilon": "central-epsilon",
 }
 
 
@@ -93,6 +97,11 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--delta", type=float, help="DP delta per site (default 1e-5)")
     p.add_argument("--max-grad-norm", type=float, help="DP-SGD per-sample clipping norm (default 1.0)")
     p.add_argument("--dp-accountant", help="rdp (default) or prv")
+    p.add_argument("--central-dp", help="off (default) or server-fixed: client-level DP with Flower's wrapper "
+                   "(fedavg, every site every round; see README)")
+    p.add_argument("--central-noise", type=float, help="central DP noise multiplier (default 1.0)")
+    p.add_argument("--central-clip", type=float, help="central DP clipping norm of a site's update (default 1.0)")
+    p.add_argument("--central-epsilon", type=float, help="stop before central epsilon exceeds this (default: no cap)")
     p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
     p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
     p.set_defaults(func=cmd_simulate)

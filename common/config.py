@@ -91,6 +91,12 @@ class StudyConfig:
     max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
     max_physical_batch: int = 128
+    # central (client-level) DP with Flower's wrapper and accountant (see medfed.server.central_dp)
+    central_dp: str = "off"
+    central_noise: float = 1.0
+    central_clip: float = 1.0
+    central_epsilon: float = 0.0  # 0: no cap
+    central_delta: float = 1e-5
     # outputs
     selection: str = "val-auc"
     out_dir: str = "runs/latest"
@@ -132,6 +138,11 @@ class StudyConfig:
         check_range("max-grad-norm", self.max_grad_norm, 1e-6, 1e6)
         check_choice("dp-accountant", self.dp_accountant, ("rdp", "prv"))
         check_range("max-physical-batch", self.max_physical_batch, 1, 65536)
+        check_choice("central-dp", self.central_dp, ("off", "server-fixed"))
+        check_range("central-noise", self.central_noise, 1e-6, 1e4)
+        check_range("central-clip", self.central_clip, 1e-9, 1e9)
+        check_range("central-epsilon", self.central_epsilon, 0.0, 1e6)
+        check_range("central-delta", self.central_delta, 1e-12, 0.1)
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ConfigError(
                 "local-epochs and local-steps are both 0: set local-epochs >= 1 "

@@ -27,6 +27,7 @@ class ConfigKey(str, Enum):
     LR = "lr"
     FEDBN = "fedbn"
     RUN_SEED = "seed"
+    CENTRAL_DP = "central-dp"  # sites send a unit weight (Flower's DP accounting needs equal weights)
 
 
 class SiteKey(str, Enum):
@@ -52,6 +53,7 @@ class MetricKey(str, Enum):
     """Metric names in replies and run outputs."""
 
     NUM_EXAMPLES = "num-examples"  # FedAvg weight: training samples, never batches
+    UNIT_WEIGHT = "unit-weight"  # the weight under central DP: 1 for every site
     TRAIN_LOSS = "train-loss"
     TRAIN_STEPS = "train-steps"
     TRAIN_SECONDS = "train-s"

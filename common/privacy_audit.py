@@ -4,7 +4,8 @@ The question: given the released (global) model and one example of the site's po
 can an attacker tell whether that example was in the site's training data? The audit runs
 two standard attacks against the site's own data and reports how well they separate
 *members* (the site's training split) from *non-members* (its held-out test split, plus its
-validation split when test alone is smaller than train), balanced to equal counts.
+validation split when test alone is smaller than train), balanced to equal counts per class
+(so that neither attack can score by a difference in label mix between the splits).
 
 Attacks
 -------
@@ -163,18 +164,27 @@ class AuditData:
         return ImageSplit.concat([self.non_members, self.reference])
 
 
-def _pick(n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """k of n indices at random (sorted) and the rest."""
-    chosen = np.zeros(n, dtype=bool)
-    chosen[rng.choice(n, size=k, replace=False)] = True
-    return np.flatnonzero(chosen), np.flatnonzero(~chosen)
+def _matched(train_labels: np.ndarray, held_labels: np.ndarray, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks choosing, for every class, as many training as held-out images (the smaller count)."""
+    take_train = np.zeros(train_labels.size, dtype=bool)
+    take_held = np.zeros(held_labels.size, dtype=bool)
+    for label in np.union1d(train_labels, held_labels):
+        tr, he = np.flatnonzero(train_labels == label), np.flatnonzero(held_labels == label)
+        k = min(tr.size, he.size)
+        take_train[rng.choice(tr, size=k, replace=False)] = True
+        take_held[rng.choice(he, size=k, replace=False)] = True
+    return take_train, take_held
 
 
 def audit_sets(site: SiteData, seed: int = 0) -> AuditData:
-    """Members = the training split; non-members = test (+ val when test is smaller), balanced.
+    """Members = the training split; non-members = test (+ val when test is smaller); balanced.
 
-    The larger side is subsampled with ``default_rng(seed)``; what is left over (training
-    images not audited, held-out images not needed) becomes the shadow models' reference pool.
+    Balanced per class: for every label, the larger side is subsampled (``default_rng(seed)``)
+    to the smaller one's count, so members and non-members have the same size *and* the same
+    label mix, and an attack cannot score by a difference in class prevalence between the
+    splits. What is left over (training images not audited, held-out images not needed)
+    becomes the shadow models' reference pool.
     """
     train_split = site.train
     held_out = site.test if len(site.test) >= len(train_split) else ImageSplit.concat([site.test, site.val])
@@ -185,15 +195,15 @@ def audit_sets(site: SiteData, seed: int = 0) -> AuditData:
             f"site {site.site_id} has no held-out (test or val) images: the audit needs non-members "
             "from the same site"
         )
-    n = min(len(train_split), len(held_out))
+    take_train, take_held = _matched(train_split.labels, held_out.labels, np.random.default_rng(seed))
+    n = int(take_train.sum())
+    if n == 0:
+        raise DataError(f"site {site.site_id}: no class has both training and held-out images")
     if n < MIN_AUDIT_SIZE:
         log.warning("site %s: only %d members and %d non-members: the audit figures are very noisy",
                     site.site_id, n, n)
-    rng = np.random.default_rng(seed)
-    m_idx, m_rest = _pick(len(train_split), n, rng)
-    h_idx, h_rest = _pick(len(held_out), n, rng)
-    rest = ImageSplit.concat([train_split.subset(m_rest), held_out.subset(h_rest)])
-    return AuditData(site.site_id, train_split.subset(m_idx), held_out.subset(h_idx), rest)
+    rest = ImageSplit.concat([train_split.subset(~take_train), held_out.subset(~take_held)])
+    return AuditData(site.site_id, train_split.subset(take_train), held_out.subset(take_held), rest)
 
 
 def model_from_state(spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> nn.Module:

@@ -18,6 +18,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from medfed.common.arrays import arrays_to_state_dict
 from medfed.common.checkpoint import Checkpoint, load_checkpoint
@@ -27,6 +28,7 @@ from medfed.common.errors import ConfigError
 from medfed.common.models import ModelSpec, model_spec
 from medfed.common.training import derive_seed
 from medfed.server.central import CentralData, evaluate_arrays, load_central
+from medfed.server.central_dp import central_privacy, restore_central_privacy
 from medfed.server.recorder import RunRecorder
 from medfed.server.replies import screen_evaluate_replies, screen_train_replies
 from medfed.server.selection import Selection, pool_validation
@@ -179,11 +181,18 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
     fedbn = isinstance(strategy, FedBN)
     st = _initial_state(cfg, spec, strategy, recorder)
     base_config = {ConfigKey.RUN_SEED.value: cfg.seed}
+    if cfg.central_dp != "off":
+        base_config[ConfigKey.CENTRAL_DP.value] = True
+        restore_central_privacy(strategy, st.start_round - 1)
 
     for rnd in range(st.start_round, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
         random.seed(derive_seed(cfg.seed, "sampling", rnd))  # Flower samples with `random`
-        train_msgs = list(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+        try:
+            train_msgs = list(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+        except PrivacyBudgetExhausted as exc:
+            log.warning("round %d: central DP budget reached (%s): the study stops after round %d", rnd, exc, rnd - 1)
+            break
         t0 = time.perf_counter()
         train_replies = send_and_receive(grid, train_msgs, cfg.round_timeout)
         train_s = time.perf_counter() - t0
@@ -289,6 +298,8 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
         "dataset": {"name": central.info.name if central else cfg.dataset, "num-sites": cfg.num_sites},
         "wall-s": wall_s,
     }
+    if (central_dp := central_privacy(strategy)) is not None:
+        summary["central-dp"] = central_dp
     recorder.save_model(
         Checkpoint(model=spec, state_dict=arrays_to_state_dict(st.best_arrays), config=cfg.to_dict(),
                    round=sel.best_round, metrics={"test": summary["test"], "threshold": sel.threshold},

@@ -103,6 +103,10 @@ def build_strategy(cfg: StudyConfig, num_sites: int) -> Strategy:
         "min_available_nodes": min_nodes,
         "weighted_by_key": MetricKey.NUM_EXAMPLES.value,
     }
+    if cfg.central_dp != "off":
+        from medfed.server.central_dp import wrap_central_dp
+
+        return wrap_central_dp(cfg, num_sites, kwargs)
     return _REGISTRY[cfg.strategy](cfg, kwargs)
 
 

@@ -7,14 +7,17 @@ import copy
 import numpy as np
 import pytest
 import torch
-from opacus.validators import ModuleValidator
-from torch import nn
-
 from medfed.common.data.splits import ImageSplit
 from medfed.common.dp.engine import DPSettings
-from medfed.common.dp.model_check import DPModelError, check_per_sample_gradients, prepare_dp_model
+from medfed.common.dp.model_check import (
+    DPModelError,
+    check_per_sample_gradients,
+    prepare_dp_model,
+)
 from medfed.common.models import ModelSpec, build_model
 from medfed.common.training import TrainSettings, train
+from opacus.validators import ModuleValidator
+from torch import nn
 
 CPU = torch.device("cpu")
 # Opacus's full backward hooks warn when the input does not require grad: expected here.
@@ -231,7 +234,7 @@ def test_dp_update_norm_is_bounded_by_lr_times_clip():
 
 def test_noise_is_added_at_the_calibrated_scale():
     data, lr, clip, sigma = _data(24), 0.1, 1.0, 1.0
-    settings = dict(max_grad_norm=clip, sample_rate=1.0, max_physical_batch=10)
+    settings = {"max_grad_norm": clip, "sample_rate": 1.0, "max_physical_batch": 10}
     start, quiet = _one_step(data, lr=lr, dp=DPSettings(noise_multiplier=0.0, **settings))
     _, noisy = _one_step(data, lr=lr, dp=DPSettings(noise_multiplier=sigma, **settings))
     diff = _delta(start, noisy) - _delta(start, quiet)
