@@ -55,26 +55,40 @@ def add_privacy_arguments(subparsers: Any) -> None:
                    help="seed of the member/non-member balancing and the shadow models (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto (default: CUDA when present), cpu or cuda")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for PyTorch (default 0: PyTorch's choice; 1 is often faster on a busy "
+                   "machine, as the shadow models train on small batches)")
     p.add_argument("--out", type=Path, default=None, help=f"JSON report (default MODEL_DIR/{REPORT_NAME})")
     p.set_defaults(func=cmd_privacy_audit)
 
 
 def cmd_privacy_audit(args: argparse.Namespace) -> int:
     from medfed.common.checkpoint import atomic_write_text, load_checkpoint
-    from medfed.common.privacy_audit import ShadowSettings, format_audit, model_from_state, run_audit
+    from medfed.common.privacy_audit import (
+        ShadowSettings,
+        format_audit,
+        model_from_state,
+        run_audit,
+    )
     from medfed.common.training import resolve_device
 
     shadow_args = (args.shadow_models, args.shadow_steps, args.shadow_batch_size)
     if args.shadow_models < 0 or args.shadow_steps < 1 or args.shadow_batch_size < 1:
         raise ConfigError(f"--shadow-models/--shadow-steps/--shadow-batch-size {shadow_args}: "
                           "give shadow models >= 0 and steps, batch size >= 1")
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads} must be >= 0 (0: PyTorch's choice)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.model)
     cfg = _study_config(ckpt.config)
-    model = model_from_state(ckpt.model, ckpt.state_dict)
-    site, dataset = _site_data(args, cfg, ckpt.model)
     shadow = ShadowSettings(num_models=args.shadow_models, steps=args.shadow_steps,
                             batch_size=args.shadow_batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                             seed=args.audit_seed)
+    model = model_from_state(ckpt.model, ckpt.state_dict)
+    site, dataset = _site_data(args, cfg, ckpt.model)
     log.info("auditing %s (round %d) on %s of %s", args.model, ckpt.round, site.site_id, dataset)
     result = run_audit(model, ckpt.model, site, shadow, resolve_device(args.device), args.audit_seed)
     report = {
@@ -133,7 +147,10 @@ def _site_data(args: argparse.Namespace, cfg: Any, spec: Any) -> tuple[Any, str]
     from medfed.common.data.federated import load_federated_cached
 
     if dataset == "medmnist" and not Path(path).is_file():
-        raise DataError(f"the study data {path} is not here: pass --data FILE.npz or --site-config site.yaml")
+        if args.data:
+            raise DataError(f"data file not found: {path}")
+        raise DataError(f"the checkpoint's study data {path} is not on this machine: pass --data FILE.npz "
+                        "or --site-config site.yaml")
     partition = args.partition or cfg.partition
     alpha = cfg.alpha if args.alpha is None else args.alpha
     seed = cfg.seed if args.seed is None else args.seed

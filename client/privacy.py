@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 from medfed.client.boundary import PublicSiteError
 from medfed.client.site_data import SiteRuntime
 from medfed.common.config import StudyConfig
+from medfed.common.constants import BUDGET_EXHAUSTED, MetricKey
 from medfed.common.dp.accounting import ACCOUNTANTS, calibrate_noise
 from medfed.common.dp.engine import DPSettings
 from medfed.common.dp.ledger import BudgetExhausted, PrivacyLedger
-from medfed.common.constants import BUDGET_EXHAUSTED, MetricKey
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,11 @@ def _dp_model(model, site: SiteRuntime):
     """The model checked (and fixed) for DP-SGD; refused models raise with the reason."""
     import torch
     from medfed.client.boundary import PublicSiteError
-    from medfed.common.dp.model_check import DPModelError, check_per_sample_gradients, prepare_dp_model
+    from medfed.common.dp.model_check import (
+        DPModelError,
+        check_per_sample_gradients,
+        prepare_dp_model,
+    )
 
     try:
         model = prepare_dp_model(model)

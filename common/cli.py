@@ -230,7 +230,7 @@ def cmd_data_covid_sites(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- deployment
 def _add_deployment(sub: Any) -> None:
-    from medfed.client import daemon, site_check
+    from medfed.client import audit_cli, daemon, site_check
     from medfed.common import certs
     from medfed.server import deploy, submit
 
@@ -248,6 +248,8 @@ def _add_deployment(sub: Any) -> None:
 
     c = sub.add_parser("certs", help="create a CA, the server certificate and per-site keys")
     certs.add_certs_arguments(c)
+
+    audit_cli.add_privacy_arguments(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -342,7 +342,7 @@ def lira_offline(
         "shadow-models": shadow.num_models,
         "shadow-steps": shadow.steps,
         "shadow-batch-size": shadow.batch_size,
-        "shadow-train-size": int(round(float(keep.sum(axis=1).mean()))),
+        "shadow-train-size": round(float(keep.sum(axis=1).mean())),
         "variance": variance,
         "seconds": round(time.perf_counter() - t0, 1),
     })
@@ -403,8 +403,8 @@ def format_audit(result: dict[str, Any]) -> str:
     acc = result.get("accuracy", {})
     lines = [
         head,
-        f"site {result['site']}: {result['members']} members (train), {result['non-members']} non-members "
-        f"(held out); accuracy {_fmt(acc.get('members'))} / {_fmt(acc.get('non-members'))}",
+        (f"site {result['site']}: {result['members']} members (train), {result['non-members']} non-members "
+         f"(held out); accuracy (argmax) {_fmt(acc.get('members'))} / {_fmt(acc.get('non-members'))}"),
         "",
         f"{'attack':<16}{'AUC':>7}{'TPR@1%FPR':>12}{'TPR@0.1%FPR':>14}",
     ]

@@ -18,7 +18,11 @@ instead of their sample counts).
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 from medfed.common.config import StudyConfig
 from medfed.common.constants import MetricKey
 from medfed.common.errors import ConfigError
@@ -37,7 +41,11 @@ def check_central_dp(cfg: StudyConfig) -> None:
 def wrap_central_dp(cfg: StudyConfig, num_sites: int, fedavg_kwargs: dict) -> Strategy:
     """FedAvg with unit site weights inside Flower's server-side fixed-clipping DP wrapper."""
     from flwr.serverapp import RdpAccountant
-    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting import (
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
 
     check_central_dp(cfg)
     inner = FedAvg(**{**fedavg_kwargs, "weighted_by_key": MetricKey.UNIT_WEIGHT.value})

@@ -53,13 +53,13 @@ class LocalDeployment:
     site_ids: list[str] = field(default_factory=list)
     _procs: list[Any] = field(default_factory=list)
     _logs: list[Path] = field(default_factory=list)
+    _sites: dict[str, Any] = field(default_factory=dict)  # site id -> its SuperNode process
 
     @property
     def state_dir(self) -> Path:
         return self.base / "server"
 
     def __enter__(self) -> LocalDeployment:
-        from medfed.client.daemon import load_site_yaml, start_supernode
         from medfed.common.process import free_port
         from medfed.server.deploy import (
             ServerDeployConfig,
@@ -86,17 +86,31 @@ class LocalDeployment:
                 if not self.insecure:
                     keys = create_site_keys(self.base / "keys", site_id)
                     register_site(self.server, keys.public_key, root_cert=self.root_cert, name=site_id)
-                yaml_path = self._site_yaml(site_id, index)
+                self._site_yaml(site_id, index)
                 self._logs.append(self.base / f"{site_id}.log")
-                self._procs.append(
-                    start_supernode(load_site_yaml(yaml_path), insecure=self.insecure,
-                                    log_path=self._logs[-1], env=self._thread_env())
-                )
+                self._start_site(site_id)
                 self.site_ids.append(site_id)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_site(self, site_id: str) -> None:
+        from medfed.client.daemon import load_site_yaml, start_supernode
+
+        proc = start_supernode(load_site_yaml(self.base / f"{site_id}.yaml"), insecure=self.insecure,
+                               log_path=self.base / f"{site_id}.log", env=self._thread_env())
+        self._procs.append(proc)
+        self._sites[site_id] = proc
+
+    def restart_sites(self) -> None:
+        """Kill every site's SuperNode (and its ClientApps), then start each again from its site.yaml."""
+        from medfed.common.process import stop_process_group
+
+        for site_id, proc in list(self._sites.items()):
+            stop_process_group(proc)
+            self._procs.remove(proc)
+            self._start_site(site_id)
 
     def _thread_env(self) -> dict[str, str]:
         """Give each site its share of this machine's cores, as if it were its own host.

@@ -6,11 +6,11 @@ import json
 
 import pytest
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
-
 from medfed.common.config import StudyConfig
 from medfed.common.errors import ConfigError
 from medfed.server.central_dp import central_privacy, restore_central_privacy
 from medfed.server.strategies import build_strategy
+
 from tests.test_simulate_e2e import medfed
 
 

@@ -239,3 +239,31 @@ def test_medfed_app_two_sites_two_rounds(tmp_path: Path, shared_data: Path, secu
         assert set(r["sites"]) == {"site-a", "site-b"} and not r["failures"]
     assert (out / "checkpoints" / "round-0002.pt").is_file() and (out / "model.pt").is_file()
     assert (out / "report.md").is_file()
+
+
+def test_dp_ledger_survives_site_restarts(tmp_path: Path) -> None:
+    """DP sites in a real deployment: SuperNodes killed and restarted between rounds keep their ledgers."""
+    from medfed.common.dp.ledger import PrivacyLedger
+    from medfed.simulations.loopback import LocalDeployment
+
+    dep = LocalDeployment(tmp_path / "dep", data=None, sites=2, insecure=True)
+    dp = {"local-steps": 3, "batch-size": 32, "epsilon": 3.0}
+    try:
+        with dep:
+            out = dep.run_study(rounds=2, extra=dp, out_dir="runs/dp")
+            first = {s: PrivacyLedger.load(dep.base / s / "state") for s in SITES}
+            dep.restart_sites()  # every site process is killed and started again
+            ckpt = out / "checkpoints" / "round-0002.pt"
+            out = dep.run_study(rounds=4, extra={**dp, "resume": str(ckpt)}, out_dir="runs/dp")
+            leftovers = dep.stop()
+    finally:
+        print(dep.log_tails())
+    assert not leftovers
+    summary = json.loads((out / "summary.json").read_text())
+    for site in SITES:
+        before, after = first[site], PrivacyLedger.load(dep.base / site / "state")
+        assert [r["round"] for r in before.rounds] == [1, 2]
+        assert [r["round"] for r in after.rounds] == [1, 2, 3, 4]  # restored, not restarted from zero
+        assert after.history[:2] == before.history
+        assert before.spent() < after.spent() <= 3.0
+        assert summary["sites"][site]["epsilon"] == pytest.approx(after.spent())

@@ -8,8 +8,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from opacus.accountants import PRVAccountant, RDPAccountant
-
 from medfed.client.boundary import PublicSiteError
 from medfed.client.privacy import budget, start_round
 from medfed.common.config import StudyConfig
@@ -17,6 +15,7 @@ from medfed.common.constants import BUDGET_EXHAUSTED
 from medfed.common.dp.accounting import calibrate_noise, epsilon_of
 from medfed.common.dp.ledger import LEDGER_FILE, PrivacyLedger
 from medfed.common.errors import DataError
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 
 def _site(tmp: Path, epsilon: float = 0.0, delta: float = 1e-5):

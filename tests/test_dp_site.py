@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
 from medfed.client.app import app
 from medfed.common.constants import BUDGET_EXHAUSTED
 from medfed.common.dp.ledger import LEDGER_FILE, PrivacyLedger
+
 from tests.test_client_app import _context, _message, _run_config
 from tests.test_simulate_e2e import medfed
 
