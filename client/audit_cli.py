@@ -63,7 +63,8 @@ def add_privacy_arguments(subparsers: Any) -> None:
 
 
 def cmd_privacy_audit(args: argparse.Namespace) -> int:
-    from medfed.common.checkpoint import atomic_write_text, load_checkpoint
+    from medfed.common.atomic import atomic_write_text
+    from medfed.common.checkpoint import load_checkpoint
     from medfed.common.privacy_audit import (
         ShadowSettings,
         format_audit,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from medfed.common.checkpoint import atomic_write_bytes
+from medfed.common.atomic import atomic_write_bytes
 
 LOCAL_LAYERS_FILE = "local_layers.pt"
 

@@ -8,13 +8,12 @@ objects, so a file from elsewhere cannot run code at a site.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from medfed.common.atomic import atomic_write_bytes
 from medfed.common.errors import DataError
 from medfed.common.models import ModelSpec, strip_wrapper_prefix
 
@@ -44,25 +43,6 @@ class Checkpoint:
             "selection": self.selection,
             "best_state_dict": self.best_state_dict,
         }
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(file_obj)`` on a temp file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:

@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medfed.common.checkpoint import Checkpoint, atomic_write_text, save_checkpoint
+from medfed.common.atomic import atomic_write_text
+from medfed.common.checkpoint import Checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medfed.common.atomic import atomic_write_text
 from medfed.common.constants import BUDGET_EXHAUSTED
 from medfed.common.dp.accounting import epsilon_of
 from medfed.common.errors import DataError
@@ -80,17 +79,7 @@ class PrivacyLedger:
 
     def save(self, state_dir: str | Path) -> Path:
         path = Path(state_dir) / LEDGER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ledger-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod

@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medfed.common.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,8 @@ class PreprocessCache:
             return False
         npy, meta = self._paths(key)
         npy.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(image), allow_pickle=False))
-        _atomic_write(meta, lambda f: f.write(json.dumps(info).encode()))
+        atomic_write_bytes(npy, lambda f: np.save(f, np.ascontiguousarray(image), allow_pickle=False))
+        atomic_write_text(meta, json.dumps(info))
         self._used = self.used_bytes() + size
         return True
 
@@ -113,13 +112,3 @@ class PreprocessCache:
             self._used = sum(p.stat().st_size for p in self.root.rglob("*.npy")) if self.root.is_dir() else 0
         return self._used
 
-
-def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=dest.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
