@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(file_obj)`` on a temp file beside ``path``, then rename it into place."""
+def atomic_write_bytes(path: Path, write: Any, mode: int | None = None) -> None:
+    """Call ``write(file_obj)`` on a temp file beside ``path``, then rename it into place.
+
+    ``mode`` sets the file's permissions before any byte is written (private keys: 0o600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -34,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from medfed.common.atomic import atomic_write_bytes
 from medfed.common.errors import ConfigError
 from medfed.common.logs import emit
 
@@ -303,15 +302,4 @@ def _write_private_key_pem(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to a temporary file created with ``mode``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, lambda f: f.write(data), mode)
