@@ -1,7 +1,7 @@
 """DP-SGD overhead of medfed's training loop on the CPU: time per optimizer step and peak memory.
 
 The default classifier (``build_model(ModelSpec("cnn", 1, 2, 28))``, 28x28 grayscale, two
-classes) is trained on ``--n`` random images through :func:`medfed.common.training.train`,
+classes), and the DP classifier ``cnn-dp``, are trained on ``--n`` random images through :func:`medfed.common.training.train`,
 the path every site runs, with ``TrainSettings(steps=K, batch_size=B, optimizer="sgd",
 lr=0.05)``: plainly, and with DP-SGD (Opacus per-sample gradients, clipping to 1.0, noise
 multiplier 1.0, Poisson sampling with ``sample_rate = B / n``).
@@ -25,7 +25,7 @@ torch and Opacus already loaded).
 Target: DP <= 2.0x the plain time per step, judged on the paired figure.
 
 Usage:
-    python bench/dp_overhead.py [--batches 64 256] [--n 2048] [--steps 30] [--repeats 3]
+    python bench/dp_overhead.py [--models cnn cnn-dp] [--batches 64 256] [--n 2048] [--steps 30] [--repeats 3]
                                 [--physical-batch -1] [--threads 0]
 """
 
@@ -75,7 +75,7 @@ def physical_batch(batch: int, option: int) -> int:
     return option or batch
 
 
-def _setup(mode: str, batch: int, n: int, physical: int):
+def _setup(mode: str, batch: int, n: int, physical: int, model_name: str = "cnn"):
     """(run(k, seed) -> seconds per step) for one configuration on its own copy of the model."""
     import numpy as np
     import torch
@@ -87,7 +87,7 @@ def _setup(mode: str, batch: int, n: int, physical: int):
     rng = np.random.default_rng(0)
     data = ImageSplit(rng.random((n, 1, 28, 28), dtype=np.float32), rng.integers(0, 2, n).astype(np.int64))
     torch.manual_seed(0)
-    model = build_model(ModelSpec("cnn", 1, 2, 28))
+    model = build_model(ModelSpec(model_name, 1, 2, 28))
     dp = None
     if mode == "dp":
         dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=batch / n,
@@ -103,9 +103,9 @@ def _setup(mode: str, batch: int, n: int, physical: int):
     return run
 
 
-def time_batch(batch: int, args: argparse.Namespace) -> dict[str, list[float]]:
+def time_batch(batch: int, args: argparse.Namespace, model_name: str) -> dict[str, list[float]]:
     """Seconds per step, plain and DP calls interleaved (a busy machine slows both alike)."""
-    runs = {mode: _setup(mode, batch, args.n, args.physical_batch) for mode in ("plain", "dp")}
+    runs = {mode: _setup(mode, batch, args.n, args.physical_batch, model_name) for mode in ("plain", "dp")}
     for run in runs.values():
         run(args.warmup, seed=0)
     times: dict[str, list[float]] = {"plain": [], "dp": []}
@@ -115,14 +115,14 @@ def time_batch(batch: int, args: argparse.Namespace) -> dict[str, list[float]]:
     return times
 
 
-def memory_worker(mode: str, batch: int, args: argparse.Namespace) -> dict:
+def memory_worker(mode: str, batch: int, args: argparse.Namespace, model_name: str) -> dict:
     """In a fresh process: peak RSS while training minus the RSS just before."""
     import opacus  # noqa: F401  (loaded before the baseline in both modes: not training memory)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = _setup(mode, batch, args.n, args.physical_batch)
+    run = _setup(mode, batch, args.n, args.physical_batch, model_name)
     rss_before, peak_before = _rss_mib(), _peak_rss_mib()
     run(args.warmup + args.steps, seed=0)
     peak = _peak_rss_mib()
@@ -130,8 +130,8 @@ def memory_worker(mode: str, batch: int, args: argparse.Namespace) -> dict:
             "train_mib": peak - rss_before, "threads": torch.get_num_threads()}
 
 
-def measure_memory(mode: str, batch: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", mode, "--batches", str(batch),
+def measure_memory(mode: str, batch: int, args: argparse.Namespace, model_name: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", mode, "--models", model_name, "--batches", str(batch),
            "--n", str(args.n), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--physical-batch", str(args.physical_batch), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
@@ -142,6 +142,7 @@ def measure_memory(mode: str, batch: int, args: argparse.Namespace) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["cnn", "cnn-dp"], help="classifiers to time (default cnn cnn-dp)")
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--n", type=int, default=2048, help="random training images (default 2048)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per timed call")
@@ -156,7 +157,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
     if args.memory_worker:
-        print(json.dumps(memory_worker(args.memory_worker, args.batches[0], args)))
+        print(json.dumps(memory_worker(args.memory_worker, args.batches[0], args, args.models[0])))
         return 0
 
     import torch
@@ -165,20 +166,20 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch threads: {torch.get_num_threads()}  CPUs: {os.cpu_count()}  load average before: {load}")
-    print(f"n={args.n} random images 1x28x28, model cnn, sgd lr 0.05; DP: noise 1.0, clip 1.0, q=B/n; "
+    print(f"n={args.n} random images 1x28x28, sgd lr 0.05; DP: noise 1.0, clip 1.0, q=B/n; "
           f"{args.steps} steps x {args.repeats} repeats, plain/DP interleaved (median s/step)")
-    print(f"{'batch':>5} {'phys':>5} {'plain s/step':>13} {'DP s/step':>10} {'ratio':>6} {'per-repeat':>10} "
+    print(f"{'model':<7} {'batch':>5} {'phys':>5} {'plain s/step':>13} {'DP s/step':>10} {'ratio':>6} {'per-repeat':>10} "
           f"{'plain peak MiB':>15} {'DP peak MiB':>12} {'ratio':>6}")
     worst = 0.0
-    for b in args.batches:
-        times = time_batch(b, args)
+    for name, b in ((m, b) for m in args.models for b in args.batches):
+        times = time_batch(b, args, name)
         plain, dp = statistics.median(times["plain"]), statistics.median(times["dp"])
-        mem = {mode: measure_memory(mode, b, args)["train_mib"] for mode in ("plain", "dp")}
+        mem = {mode: measure_memory(mode, b, args, name)["train_mib"] for mode in ("plain", "dp")}
         ratio = dp / plain
         paired = statistics.median(d / p for p, d in zip(times["plain"], times["dp"]))
         worst = max(worst, paired)
         mem_ratio = mem["dp"] / mem["plain"] if mem["plain"] > 0 else float("nan")
-        print(f"{b:>5} {physical_batch(b, args.physical_batch):>5} {plain:>13.4f} {dp:>10.4f} {ratio:>5.2f}x {paired:>9.2f}x "
+        print(f"{name:<7} {b:>5} {physical_batch(b, args.physical_batch):>5} {plain:>13.4f} {dp:>10.4f} {ratio:>5.2f}x {paired:>9.2f}x "
               f"{mem['plain']:>15.1f} {mem['dp']:>12.1f} {mem_ratio:>5.2f}x", flush=True)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"load average after: {load}")

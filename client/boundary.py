@@ -18,6 +18,7 @@ from medfed.common.errors import MedfedError
 EVAL_METRICS = (
     MetricKey.LOSS, MetricKey.AUC, MetricKey.ACCURACY, MetricKey.BALANCED_ACCURACY,
     MetricKey.SENSITIVITY, MetricKey.SPECIFICITY, MetricKey.NUM_EXAMPLES,
+    MetricKey.DICE, MetricKey.HD95, MetricKey.HD95_COUNT, MetricKey.D_LOSS, MetricKey.D_ACCURACY,
 )
 HISTOGRAM_KEYS = frozenset({MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value})
 ALLOWED_METRICS = frozenset(

@@ -98,6 +98,13 @@ def _site_data_cached(site: SiteConfig, seed: int, image_size: int, channels: in
     from medfed.common.data.medmnist import load_medmnist_cached
     from medfed.common.data.partition import partition_splits
 
+    if site.task == "segmentation":
+        if site.dataset != "manifest":
+            raise ConfigError(f"site {site.site_id}: task segmentation reads image+mask pairs from a manifest "
+                              "(columns path, mask): set manifest in site.yaml")
+        from medfed.common.segmentation.site import build_seg_site_data
+
+        return build_seg_site_data(site, image_size, channels)
     if site.dataset in ("manifest", "dicom"):
         from medfed.common.intake.site_dataset import build_site_data
 

@@ -21,12 +21,11 @@ from medfed.common.arrays import arrays_to_state_dict, load_arrays, model_to_arr
 from medfed.common.config import StudyConfig
 from medfed.common.constants import NUM_HIST_BINS, SPLITS, ConfigKey, MetricKey
 from medfed.common.models import build_model, model_spec, norm_parameter_names
+from medfed.common.tasks import get_task
 from medfed.common.training import (
     TrainSettings,
     derive_seed,
-    evaluate,
     resolve_device,
-    train,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,7 @@ class TrainReply:
 
 
 def _prepare_model(cfg: StudyConfig, site: SiteRuntime, arrays: ArrayRecord, fedbn: bool):
+    """(model, FedBN's site-local norm keys, frozen keys): the last two never leave the site."""
     import torch
 
     spec = model_spec(cfg, site.info)
@@ -50,7 +50,12 @@ def _prepare_model(cfg: StudyConfig, site: SiteRuntime, arrays: ArrayRecord, fed
         local = load_local_layers(site.state_dir)
         if local is not None:
             model.load_state_dict(local, strict=False)
-    return model, local_keys
+    if cfg.freeze_patterns:  # transfer learning: the server sent the frozen layers, they are not sent back
+        from medfed.common.transfer import freeze, frozen_state_names
+
+        freeze(model, cfg.freeze_patterns)
+        return model, local_keys, frozen_state_names(model)
+    return model, local_keys, frozenset()
 
 
 def train_round(
@@ -60,18 +65,19 @@ def train_round(
     server_round = int(config.get(ConfigKey.SERVER_ROUND.value, 0))
     fedbn = bool(config.get(ConfigKey.FEDBN.value, False))
     mu = float(config.get(ConfigKey.PROXIMAL_MU.value, 0.0))
-    model, local_keys = _prepare_model(cfg, site, arrays, fedbn)
+    model, local_keys, frozen = _prepare_model(cfg, site, arrays, fedbn)
     device = resolve_device(cfg.device)
     settings = TrainSettings.from_study(
         cfg, seed=derive_seed(cfg.seed, server_round, site.site_id), proximal_mu=mu
     )
     n_train = len(site.data.train)
     private = start_round(cfg, site, server_round, settings.num_steps(n_train), n_train)
+    task = get_task(cfg.task)
     if private is not None:
-        model = _dp_model(model, site)
+        model = _dp_model(model, site, task)
     global_params = arrays_to_state_dict(arrays) if mu > 0 else None
-    result = train(model, site.data.train, settings, device, global_params=global_params,
-                   dp=None if private is None else private.dp)
+    result = task.train(model, site.data.train, settings, device, global_params=global_params,
+                        dp=None if private is None else private.dp)
     model.cpu()
     if fedbn:
         state = model.state_dict()
@@ -93,22 +99,17 @@ def train_round(
         metrics.update(private.metrics())
         log.info("site %s round %d: epsilon spent %.3f of %g", site.site_id, server_round,
                  private.ledger.spent(), private.ledger.epsilon_budget)
-    return TrainReply(arrays=model_to_arrays(model, exclude=local_keys), metrics=metrics)
+    return TrainReply(arrays=model_to_arrays(model, exclude=local_keys | frozen), metrics=metrics)
 
 
-def _dp_model(model, site: SiteRuntime):
+def _dp_model(model, site: SiteRuntime, task):
     """The model checked (and fixed) for DP-SGD; refused models raise with the reason."""
-    import torch
     from medfed.client.boundary import PublicSiteError
-    from medfed.common.dp.model_check import (
-        DPModelError,
-        check_per_sample_gradients,
-        prepare_dp_model,
-    )
+    from medfed.common.dp.model_check import DPModelError, prepare_dp_model
 
     try:
         model = prepare_dp_model(model)
-        check_per_sample_gradients(model, torch.from_numpy(site.data.train.images[:3]), site.info.num_classes)
+        task.check_dp(model, site.data.train, site.info.num_classes)
     except DPModelError as exc:  # about the study's model, not the site's data: tell the server
         raise PublicSiteError(str(exc)) from exc
     return model
@@ -120,24 +121,25 @@ def evaluate_round(
     """Evaluate the global model on the site's validation and test data (never training data).
 
     Returns per-split metrics prefixed ``val-``/``test-``, the validation score
-    histograms (binary tasks; counts only, no per-image values) and ``num-examples``
+    histograms (binary classification; counts only, no per-image values) and ``num-examples``
     (validation samples, the weight for averaging).
     """
     from medfed.common.metrics import score_histograms
 
     fedbn = bool(config.get(ConfigKey.FEDBN.value, False))
     threshold = config.get("threshold")
-    model, _ = _prepare_model(cfg, site, arrays, fedbn)
+    model, _, _ = _prepare_model(cfg, site, arrays, fedbn)
     device = resolve_device(cfg.device)
+    task = get_task(cfg.task)
     out: dict[str, float | list[float]] = {}
     for split_name in SPLITS:
         split = getattr(site.data, split_name)
-        metrics, probs = evaluate(
+        metrics, probs = task.evaluate(
             model, split, device, threshold=None if threshold is None else float(threshold)
         )
         for key, value in metrics.items():
             out[f"{split_name}-{key}"] = float(value)
-        if split_name == "val" and probs.ndim == 2 and probs.shape[1] == 2 and len(split):
+        if split_name == "val" and probs is not None and probs.ndim == 2 and probs.shape[1] == 2 and len(split):
             pos, neg = score_histograms(split.labels, probs[:, 1], bins=NUM_HIST_BINS)
             out[MetricKey.VAL_HIST_POS.value] = [float(v) for v in np.asarray(pos)]
             out[MetricKey.VAL_HIST_NEG.value] = [float(v) for v in np.asarray(neg)]

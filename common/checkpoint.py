@@ -65,7 +65,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(
             f"{p}: not a medfed checkpoint (expected format {FORMAT!r}); "
-            "plain state_dict files are loaded with load_state_dict_file()"
+            "a plain state_dict file is a starting point for a study: --init FILE (medfed.common.transfer)"
         )
     try:
         return Checkpoint(

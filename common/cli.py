@@ -39,6 +39,7 @@ _SIM_FLAGS: dict[str, str] = {
     "batch_size": "batch-size",
     "lr": "lr",
     "optimizer": "optimizer",
+    "task": "task",
     "model": "model",
     "image_size": "image-size",
     "mode": "mode",
@@ -57,6 +58,7 @@ _SIM_FLAGS: dict[str, str] = {
     "central_noise": "central-noise",
     "central_clip": "central-clip",
     "central_epsilon": "central-epsilon",
+    "freeze": "freeze",
 }
 
 
@@ -68,7 +70,9 @@ def _add_simulate(sub: Any) -> None:
         "engine), centralized (pooled data) or local (each site alone), same data and budget.",
     )
     p.add_argument("--config", help="study YAML (flat kebab-case keys, as in [tool.flwr.app.config])")
-    p.add_argument("--data", help="MedMNIST .npz file (default: the built-in synthetic dataset)")
+    p.add_argument("--task", help="classification (default) or segmentation")
+    p.add_argument("--data", help="MedMNIST .npz file, or for segmentation an .npz with train_images/"
+                   "train_masks/val_.../test_... (default: the built-in synthetic dataset)")
     p.add_argument("--sites", type=int, help="number of sites (default 4)")
     p.add_argument("--site-configs", help="comma-separated site.yaml files: simulate these real sites "
                    "(each reads its own manifest or DICOM folder) instead of splitting a dataset")
@@ -82,7 +86,8 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", help="adam or sgd")
-    p.add_argument("--model", help="cnn (default), densenet121, resnet18")
+    p.add_argument("--model", help="classification: cnn (default), cnn-dp (small tanh CNN for DP), densenet121, "
+                   "resnet18; segmentation: unet (default), basicunet")
     p.add_argument("--image-size", type=int, help="model input side in pixels (default: the data's)")
     p.add_argument("--mode", help="federated (default), centralized or local")
     p.add_argument("--seed", type=int)
@@ -102,9 +107,24 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--central-noise", type=float, help="central DP noise multiplier (default 1.0)")
     p.add_argument("--central-clip", type=float, help="central DP clipping norm of a site's update (default 1.0)")
     p.add_argument("--central-epsilon", type=float, help="stop before central epsilon exceeds this (default: no cap)")
+    p.add_argument("--init", help="transfer learning: start from this checkpoint (a medfed model.pt or a "
+                   "plain state_dict file); a head of another size starts fresh")
+    p.add_argument("--new-head", action="store_true", default=None, help="with --init: re-initialise the "
+                   "classifier head even when its size fits")
+    p.add_argument("--freeze", help="with --init: comma-separated parameter-name patterns to freeze "
+                   "(e.g. 'features.*'); frozen layers are neither trained nor sent by the sites")
     p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
     p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
     p.set_defaults(func=cmd_simulate)
+
+
+def _config_task(path: str | None) -> str:
+    """The task a study YAML names (classification when none), to read --data for it."""
+    if not path:
+        return "classification"
+    from medfed.common.config import load_yaml_mapping
+
+    return str(load_yaml_mapping(path).get("task", "classification"))
 
 
 def study_from_args(args: argparse.Namespace) -> Any:
@@ -118,11 +138,16 @@ def study_from_args(args: argparse.Namespace) -> Any:
     if args.data and args.site_configs:
         raise ConfigError("--data and --site-configs exclude each other: give one")
     if args.data:
-        overrides["dataset"] = "medmnist"
+        task = args.task or _config_task(args.config)
+        overrides["dataset"] = "npz" if task == "segmentation" else "medmnist"
         overrides["data-path"] = str(Path(args.data).resolve())
     if args.site_configs:
         paths = [str(Path(p.strip()).resolve()) for p in args.site_configs.split(",") if p.strip()]
         overrides.update({"dataset": "sites", "data-path": ",".join(paths), "num-sites": len(paths)})
+    if args.init:
+        overrides["initial-weights"] = str(Path(args.init).resolve())
+    if args.new_head:
+        overrides["new-head"] = True
     if args.resume:
         overrides["resume"] = str(Path(args.resume).resolve())
     if args.out:
@@ -251,6 +276,10 @@ def _add_deployment(sub: Any) -> None:
 
     audit_cli.add_privacy_arguments(sub)
 
+    from medfed.common.generation.cli import add_generate_arguments
+
+    add_generate_arguments(sub)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -286,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("medfed: interrupted\n")
         return 130
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for users
+    except Exception as exc:
         log.debug("unhandled error", exc_info=True)
         sys.stderr.write(f"medfed: error: {type(exc).__name__}: {exc} (rerun with -v for details)\n")
         return EXIT_FAIL

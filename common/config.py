@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.common.errors import ConfigError
+from medfed.common.tasks import CLASSIFIERS, GENERATORS, SEGMENTERS, TASKS, get_task
 
 STRATEGIES = (
     "fedavg",
@@ -34,8 +35,9 @@ STRATEGIES = (
     "qfedavg",
     "fedbn",
 )
-MODELS = ("cnn", "densenet121", "resnet18")
-DATASETS = ("synthetic", "medmnist", "sites")
+MODELS = CLASSIFIERS + SEGMENTERS + GENERATORS
+DATASETS = ("synthetic", "medmnist", "sites", "npz")
+SEGMENTATION_DATASETS = ("synthetic", "npz")
 PARTITIONS = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
 MODES = ("federated", "centralized", "local")
@@ -52,6 +54,7 @@ class StudyConfig:
     """One federated study: data, model, local training, strategy and run outputs."""
 
     # data
+    task: str = "classification"  # classification | segmentation | generation (medfed.common.tasks)
     dataset: str = "synthetic"
     data_path: str = ""
     num_sites: int = 4
@@ -59,7 +62,7 @@ class StudyConfig:
     alpha: float = 1.0
     seed: int = 0
     # model and local training
-    model: str = "cnn"
+    model: str = ""  # "": the task's default (cnn, unet or cgan)
     num_classes: int = 0  # 0: taken from the data (needed when the server holds no data)
     in_channels: int = 0
     image_size: int = 0
@@ -97,15 +100,35 @@ class StudyConfig:
     central_clip: float = 1.0
     central_epsilon: float = 0.0  # 0: no cap
     central_delta: float = 1e-5
+    # transfer learning (medfed.common.transfer): start from a checkpoint, new head, frozen layers
+    initial_weights: str = ""  # a medfed checkpoint or a plain state_dict file ("": from scratch)
+    new_head: bool = False  # re-initialise the classifier head even when its shape fits
+    freeze: str = ""  # comma-separated parameter-name patterns (fnmatch, e.g. "features.*"); not trained, not sent
     # outputs
     selection: str = "val-auc"
     out_dir: str = "runs/latest"
     resume: str = ""
 
     def __post_init__(self) -> None:
+        check_choice("task", self.task, tuple(TASKS))
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("partition", self.partition, PARTITIONS)
+        task = get_task(self.task)
+        if not self.model:
+            object.__setattr__(self, "model", task.default_model)
         check_choice("model", self.model, MODELS)
+        if self.model not in task.models:
+            raise ConfigError(
+                f"model={self.model!r} is not a {self.task} model: choose one of {', '.join(task.models)}"
+            )
+        if self.task == "segmentation" and self.dataset not in SEGMENTATION_DATASETS:
+            raise ConfigError(
+                f"dataset={self.dataset!r} has no masks: segmentation takes dataset synthetic (the "
+                "default, generated with masks) or npz (train_images/train_masks/... arrays in data-path)"
+            )
+        if self.dataset == "npz" and self.task != "segmentation":
+            raise ConfigError("dataset 'npz' holds segmentation masks: use it with task segmentation, "
+                              "or dataset medmnist for a MedMNIST classification file")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("mode", self.mode, MODES)
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -148,7 +171,7 @@ class StudyConfig:
                 "local-epochs and local-steps are both 0: set local-epochs >= 1 "
                 "or local-steps >= 1 so that sites train"
             )
-        if self.dataset == "medmnist" and not self.data_path:
+        if self.dataset in ("medmnist", "npz") and not self.data_path:
             raise ConfigError(
                 "dataset 'medmnist' needs data-path: the path of a MedMNIST .npz file "
                 "(e.g. --data ../shared/data/pneumoniamnist/pneumoniamnist.npz)"
@@ -161,11 +184,21 @@ class StudyConfig:
                     f"got {len(paths)} path(s) for num-sites={self.num_sites} "
                     "(medfed simulate --site-configs a.yaml,b.yaml sets both)"
                 )
+        if self.freeze and not self.initial_weights:
+            raise ConfigError(f"freeze={self.freeze!r} without initial-weights would freeze random weights: "
+                              "give initial-weights (a checkpoint) or leave freeze empty")
+        if self.new_head and not self.initial_weights:
+            raise ConfigError("new-head needs initial-weights: a fresh model's head is new anyway")
         if self.mode == "federated" and self.min_sites > self.num_sites:
             raise ConfigError(
                 f"min-sites={self.min_sites} is larger than num-sites={self.num_sites}: "
                 "lower min-sites or add sites"
             )
+
+    @property
+    def freeze_patterns(self) -> tuple[str, ...]:
+        """The ``freeze`` patterns as a tuple (the run config carries one comma-separated string)."""
+        return tuple(p.strip() for p in self.freeze.split(",") if p.strip())
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as the flat kebab-case mapping it was parsed from."""

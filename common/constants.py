@@ -63,6 +63,11 @@ class MetricKey(str, Enum):
     BALANCED_ACCURACY = "balanced-accuracy"
     SENSITIVITY = "sensitivity"
     SPECIFICITY = "specificity"
+    DICE = "dice"  # segmentation: mean per-image Dice over foreground classes
+    HD95 = "hd95"  # segmentation: mean per-image 95th-percentile Hausdorff distance (pixels)
+    HD95_COUNT = "hd95-count"  # images with a finite HD95 (both masks non-empty)
+    D_LOSS = "d-loss"  # generation: the discriminator's loss on real images and as many fakes
+    D_ACCURACY = "d-accuracy"  # generation: mean of its real-as-real and fake-as-fake rates
     VAL_HIST_POS = "val-hist-pos"
     VAL_HIST_NEG = "val-hist-neg"
     # record-level DP at the site (see medfed.common.dp)

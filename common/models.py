@@ -63,7 +63,8 @@ def _groups(channels: int) -> int:
 class SmallCNN(nn.Module):
     """Three conv blocks with GroupNorm, global average pooling and a linear head."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 64)):
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 64),
+                 activation: type[nn.Module] = nn.ReLU):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_channels
@@ -71,7 +72,7 @@ class SmallCNN(nn.Module):
             layers += [
                 nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
                 nn.GroupNorm(_groups(c_out), c_out),
-                nn.ReLU(),
+                activation(),
             ]
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
@@ -86,6 +87,19 @@ class SmallCNN(nn.Module):
 
 def _cnn(spec: ModelSpec) -> nn.Module:
     return SmallCNN(spec.in_channels, spec.num_classes)
+
+
+def _cnn_dp(spec: ModelSpec) -> nn.Module:
+    """The classifier for DP-SGD: 6k parameters instead of 56k, and tanh activations.
+
+    DP-SGD adds noise of the same scale to every coordinate of the gradient, so its norm
+    grows with the square root of the parameter count while the clipped signal does not; a
+    bounded activation keeps pre-clipping gradients small (Papernot et al., "Tempered
+    sigmoid activations for deep learning with differential privacy", AAAI 2021). Measured
+    on PneumoniaMNIST, 5 sites, epsilon 8 (README, Privacy): test AUC 0.85 with ``cnn``,
+    above 0.90 with ``cnn-dp``.
+    """
+    return SmallCNN(spec.in_channels, spec.num_classes, widths=(8, 16, 32), activation=nn.Tanh)
 
 
 def _densenet121(spec: ModelSpec) -> nn.Module:
@@ -117,10 +131,26 @@ def _resnet18(spec: ModelSpec) -> nn.Module:
     )
 
 
+def _segmenter(spec: ModelSpec) -> nn.Module:
+    from medfed.common.segmentation.models import build_seg_model
+
+    return build_seg_model(spec.name, spec.in_channels, spec.num_classes)
+
+
+def _conditional_gan(spec: ModelSpec) -> nn.Module:
+    from medfed.common.generation.models import ConditionalGAN, GanSpec
+
+    return ConditionalGAN(GanSpec(num_classes=spec.num_classes, channels=spec.in_channels, image_size=spec.image_size))
+
+
 _BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "cnn": _cnn,
+    "cnn-dp": _cnn_dp,
     "densenet121": _densenet121,
     "resnet18": _resnet18,
+    "unet": _segmenter,  # medfed.common.segmentation.models (MONAI, instance norm)
+    "basicunet": _segmenter,
+    "cgan": _conditional_gan,  # medfed.common.generation.models (DCGAN class, GroupNorm)
 }
 
 
@@ -160,7 +190,6 @@ def strip_wrapper_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     out = {}
     for key, value in state_dict.items():
         for prefix in ("_module.", "module."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+            key = key.removeprefix(prefix)
         out[key] = value
     return out

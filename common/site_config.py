@@ -36,7 +36,7 @@ from medfed.common.intake.dicom_scan import DEFAULT_ATTRIBUTE_TAGS, JOIN_KEYS
 
 SITE_DATASETS = ("manifest", "dicom", "medmnist", "synthetic")
 LABEL_JOINS = tuple(JOIN_KEYS)
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation")
 
 
 @dataclass(frozen=True)

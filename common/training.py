@@ -113,8 +113,13 @@ def train(
     device: torch.device,
     global_params: Mapping[str, torch.Tensor] | None = None,
     dp: DPSettings | None = None,
+    loss_fn: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for one round; returns loss, steps and samples.
+
+    ``data`` is any split with ``images`` and ``targets`` (class labels, or segmentation
+    masks); ``loss_fn`` (default cross-entropy) is the task's loss, a mean over the batch's
+    per-image losses, which is what DP-SGD's per-sample clipping assumes.
 
     With ``dp``, the same loop runs DP-SGD (:mod:`medfed.common.dp.engine`): Poisson
     batches, per-sample clipping and noise; ``steps`` then counts logical (Poisson) steps.
@@ -126,9 +131,9 @@ def train(
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     images = torch.from_numpy(data.images)
-    labels = torch.from_numpy(data.labels)
+    labels = torch.from_numpy(data.targets)
     model.to(device).train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
     prox = None
     if settings.proximal_mu > 0 and global_params is not None:
         if dp is not None:

@@ -42,12 +42,29 @@ def load_central(cfg: StudyConfig) -> CentralData | None:
 def evaluate_arrays(
     spec: ModelSpec, arrays: ArrayRecord, split: ImageSplit, device_name: str, threshold: float | None
 ) -> dict[str, float]:
-    """Metrics of the model held in ``arrays`` on ``split`` (the server's own data)."""
+    """Metrics of the model held in ``arrays`` on ``split`` (the server's own data), by its task."""
     from medfed.common.arrays import load_arrays
     from medfed.common.models import build_model
-    from medfed.common.training import evaluate, resolve_device
+    from medfed.common.tasks import task_of_model
+    from medfed.common.training import resolve_device
 
     model = build_model(spec)
     load_arrays(model, arrays)
-    metrics, _ = evaluate(model, split, resolve_device(device_name), threshold=threshold)
+    metrics, _ = task_of_model(spec.name).evaluate(model, split, resolve_device(device_name), threshold=threshold)
     return metrics
+
+
+def final_task_metrics(spec: ModelSpec, arrays: ArrayRecord, central: CentralData | None, device_name: str,
+                       seed: int) -> dict[str, float]:
+    """The task's extra metrics of the reported model (generation: TSTR AUC and FID), if any."""
+    from medfed.common.arrays import load_arrays
+    from medfed.common.models import build_model
+    from medfed.common.tasks import task_of_model
+    from medfed.common.training import resolve_device
+
+    task = task_of_model(spec.name)
+    if central is None or not task.final_evaluation:
+        return {}
+    model = build_model(spec)
+    load_arrays(model, arrays)
+    return task.final_evaluate(model, central, resolve_device(device_name), seed) or {}

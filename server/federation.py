@@ -26,9 +26,17 @@ from medfed.common.config import StudyConfig
 from medfed.common.constants import BUDGET_EXHAUSTED, DP_METRICS, ConfigKey, MetricKey
 from medfed.common.errors import ConfigError
 from medfed.common.models import ModelSpec, model_spec
+from medfed.common.tasks import get_task
 from medfed.common.training import derive_seed
-from medfed.server.central import CentralData, evaluate_arrays, load_central
+from medfed.server.central import (
+    CentralData,
+    evaluate_arrays,
+    final_task_metrics,
+    load_central,
+)
 from medfed.server.central_dp import central_privacy, restore_central_privacy
+from medfed.server.frozen import FrozenPart, initial_arrays
+from medfed.server.frozen import split as split_frozen
 from medfed.server.recorder import RunRecorder
 from medfed.server.replies import screen_evaluate_replies, screen_train_replies
 from medfed.server.selection import Selection, pool_validation
@@ -42,7 +50,8 @@ from medfed.server.strategies import (
 log = logging.getLogger(__name__)
 
 # Keys of the study config that a resumed run must share with the checkpoint.
-RESUME_INVARIANTS = ("dataset", "data-path", "num-sites", "partition", "alpha", "seed", "model", "strategy")
+RESUME_INVARIANTS = ("task", "dataset", "data-path", "num-sites", "partition", "alpha", "seed", "model", "strategy",
+                     "initial-weights", "new-head", "freeze")
 
 
 @dataclass
@@ -53,6 +62,7 @@ class _State:
     start_round: int
     last_sites: dict[str, dict[str, Any]]
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest DP metrics
+    frozen: FrozenPart = field(default_factory=FrozenPart)  # transfer learning: layers not trained
 
 
 POLL_INTERVAL_S = 0.2
@@ -102,24 +112,19 @@ def model_spec_for(cfg: StudyConfig, central: CentralData | None) -> ModelSpec:
 
 
 def _initial_state(cfg: StudyConfig, spec: ModelSpec, strategy: Strategy, recorder: RunRecorder) -> _State:
-    import torch
-    from medfed.common.arrays import model_to_arrays
-    from medfed.common.models import build_model
-
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
         _check_resume(cfg, spec, ckpt)
-        arrays = ArrayRecord(ckpt.state_dict)
-        best = ArrayRecord(ckpt.best_state_dict) if ckpt.best_state_dict else arrays
+        arrays, frozen = split_frozen(cfg, ArrayRecord(ckpt.state_dict), spec)
+        best = frozen.trainable(ArrayRecord(ckpt.best_state_dict)) if ckpt.best_state_dict else arrays
         restore_strategy_state(strategy, {k: {n: t.numpy() for n, t in v.items()} for k, v in ckpt.strategy_state.items()})
         recorder.truncate_after(ckpt.round)
         log.info("resuming from %s: round %d done, continuing at round %d", cfg.resume, ckpt.round, ckpt.round + 1)
         return _State(arrays, best, Selection.from_dict(ckpt.selection), ckpt.round + 1,
-                      dict(ckpt.metrics.get("sites", {})), dict(ckpt.metrics.get("privacy", {})))
-    torch.manual_seed(cfg.seed)
-    arrays = model_to_arrays(build_model(spec))
+                      dict(ckpt.metrics.get("sites", {})), dict(ckpt.metrics.get("privacy", {})), frozen)
+    arrays, frozen = initial_arrays(cfg, spec)
     recorder.reset()
-    return _State(arrays, arrays, Selection(rule=cfg.selection), 1, {})
+    return _State(arrays, arrays, Selection(rule=cfg.selection), 1, {}, frozen=frozen)
 
 
 def _check_resume(cfg: StudyConfig, spec: ModelSpec, ckpt: Checkpoint) -> None:
@@ -166,6 +171,15 @@ def _central_test(spec: ModelSpec, arrays: ArrayRecord, central: CentralData | N
     return evaluate_arrays(spec, arrays, central.test, cfg.device, threshold)
 
 
+def _selection_note(cfg: StudyConfig) -> str:
+    score = get_task(cfg.task).score
+    if cfg.selection == "last" or not score:
+        return "the last round is reported (no validation score chooses it)"
+    if cfg.task == "classification":
+        return "round and threshold chosen on pooled validation histograms; test data never used to choose"
+    return f"round chosen on mean validation {score}; test data never used to choose"
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
 
@@ -179,6 +193,7 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
     num_sites = cfg.num_sites
     strategy = build_strategy(cfg, num_sites)
     fedbn = isinstance(strategy, FedBN)
+    task = get_task(cfg.task)
     st = _initial_state(cfg, spec, strategy, recorder)
     base_config = {ConfigKey.RUN_SEED.value: cfg.seed}
     if cfg.central_dp != "off":
@@ -189,7 +204,7 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         t_round = time.perf_counter()
         random.seed(derive_seed(cfg.seed, "sampling", rnd))  # Flower samples with `random`
         try:
-            train_msgs = list(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+            train_msgs = st.frozen.attach(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
         except PrivacyBudgetExhausted as exc:
             log.warning("round %d: central DP budget reached (%s): the study stops after round %d", rnd, exc, rnd - 1)
             break
@@ -211,17 +226,17 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
 
         evaluate_now = rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds
         eval_msgs = (
-            list(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+            st.frozen.attach(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
             if evaluate_now else []
         )
         t0 = time.perf_counter()
         eval_replies = send_and_receive(grid, eval_msgs, cfg.round_timeout)
         eval_s = time.perf_counter() - t0
         per_site_eval, eval_failures = screen_evaluate_replies(eval_replies)
-        pooled = pool_validation(per_site_eval)
+        pooled = pool_validation(per_site_eval, score=task.score)
         if evaluate_now and st.selection.consider(rnd, pooled):
             st.best_arrays = st.arrays
-        test_metrics = _central_test(spec, st.arrays, central, cfg, pooled.threshold)
+        test_metrics = _central_test(spec, st.frozen.full(st.arrays), central, cfg, pooled.threshold)
         sites = _site_rows(train_ok, per_site_eval)
         st.last_sites = sites
         for site, row in sites.items():  # privacy spent persists for sites that stop training
@@ -242,19 +257,19 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         recorder.save_round_checkpoint(
             Checkpoint(
                 model=spec,
-                state_dict=arrays_to_state_dict(st.arrays),
+                state_dict=arrays_to_state_dict(st.frozen.full(st.arrays)),
                 config=cfg.to_dict(),
                 round=rnd,
                 metrics={"sites": sites, "val": pooled.metrics, "test": test_metrics, "privacy": st.privacy},
                 strategy_state=_tensor_state(strategy),
                 selection=st.selection.to_dict(),
-                best_state_dict=arrays_to_state_dict(st.best_arrays),
+                best_state_dict=arrays_to_state_dict(st.frozen.full(st.best_arrays)),
             )
         )
         log.info(
-            "round %d/%d: val auc %s | test auc %s acc %s | %d/%d sites trained | %.1fs",
-            rnd, cfg.num_server_rounds, _fmt(pooled.auc), _fmt(test_metrics.get("auc")),
-            _fmt(test_metrics.get("accuracy")), len(train_ok), len(train_msgs), record["time"]["round-s"],
+            "round %d/%d: val %s %s | test %s %s | %d/%d sites trained | %.1fs",
+            rnd, cfg.num_server_rounds, task.score, _fmt(pooled.score), task.score,
+            _fmt(test_metrics.get(task.score)), len(train_ok), len(train_msgs), record["time"]["round-s"],
         )
 
     return _finish(grid, cfg, strategy, spec, central, recorder, st, time.perf_counter() - t_start)
@@ -273,7 +288,8 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
     final_cfg: dict[str, Any] = {ConfigKey.RUN_SEED.value: cfg.seed}
     if sel.threshold is not None:
         final_cfg["threshold"] = sel.threshold
-    msgs = list(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), grid))
+    msgs = st.frozen.attach(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), grid))
+    best, last = st.frozen.full(st.best_arrays), st.frozen.full(st.arrays)
     per_site, failures = screen_evaluate_replies(send_and_receive(grid, msgs, cfg.round_timeout))
     sites = _site_rows([], per_site)
     for site, row in sites.items():
@@ -287,10 +303,12 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
         "rounds": cfg.num_server_rounds,
         "selected-round": sel.best_round,
         "selection": sel.rule,
-        "selection-note": "round and threshold chosen on pooled validation histograms; test data never used to choose",
+        "selection-note": _selection_note(cfg),
+        "task": cfg.task,
         "threshold": sel.threshold,
-        "test": _central_test(spec, st.best_arrays, central, cfg, sel.threshold),
-        "final-round-test": _central_test(spec, st.arrays, central, cfg, sel.threshold),
+        "test": {**_central_test(spec, best, central, cfg, sel.threshold),
+                 **final_task_metrics(spec, best, central, cfg.device, cfg.seed)},
+        "final-round-test": _central_test(spec, last, central, cfg, sel.threshold),
         "sites": sites,
         "failures": [f.to_dict() for f in failures],
         "model": spec.to_dict(),
@@ -301,8 +319,9 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
     if (central_dp := central_privacy(strategy)) is not None:
         summary["central-dp"] = central_dp
     recorder.save_model(
-        Checkpoint(model=spec, state_dict=arrays_to_state_dict(st.best_arrays), config=cfg.to_dict(),
-                   round=sel.best_round, metrics={"test": summary["test"], "threshold": sel.threshold},
+        Checkpoint(model=spec, state_dict=arrays_to_state_dict(best), config=cfg.to_dict(),
+                   round=sel.best_round,
+                   metrics={"test": summary["test"], "threshold": sel.threshold, "privacy": st.privacy},
                    selection=sel.to_dict())
     )
     recorder.write_summary(summary)

@@ -34,6 +34,8 @@ REPORT_FILE = "report.md"
 PLOTS = (
     ("val-auc", "site_val_auc.png", "Validation AUC by round"),
     ("test-auc", "site_test_auc.png", "Test AUC by round"),
+    ("val-dice", "site_val_dice.png", "Validation Dice by round"),
+    ("test-dice", "site_test_dice.png", "Test Dice by round"),
     ("train-loss", "train_loss.png", "Training loss by round"),
     ("epsilon", "site_epsilon.png", "Privacy spent (epsilon) per site by round"),
 )
@@ -41,8 +43,13 @@ PLOTS = (
 # Sections of a metrics.jsonl record that hold the pooled/global value of "<section>-<metric>".
 _GLOBAL_SECTIONS = {"train": "aggregated train", "val": "pooled validation", "test": "global model, central test"}
 
-# Final test metrics shown in the report, in this order.
+# Final test metrics shown in the report, in this order, by task.
 TEST_METRICS = (mk.AUC, mk.ACCURACY, mk.BALANCED_ACCURACY, mk.SENSITIVITY, mk.SPECIFICITY)
+TASK_TEST_METRICS = {
+    "classification": TEST_METRICS,
+    "segmentation": ("dice", "hd95", "hd95-count", "loss"),
+    "generation": ("tstr_auc", "trtr_auc", "fid", "d-loss", "d-accuracy"),
+}
 
 # Per-site columns: (header, candidate keys in a site's metrics, first found wins, is a count).
 SITE_COLUMNS = (
@@ -51,6 +58,24 @@ SITE_COLUMNS = (
     ("test-auc", ("test-auc",), False),
     ("test-accuracy", ("test-accuracy",), False),
 )
+TASK_SITE_COLUMNS = {
+    "classification": SITE_COLUMNS,
+    "segmentation": (
+        ("n train", ("train-num-examples", mk.NUM_EXAMPLES), True),
+        ("val-dice", ("val-dice",), False),
+        ("test-dice", ("test-dice",), False),
+        ("test-hd95", ("test-hd95",), False),
+    ),
+    "generation": (
+        ("n train", ("train-num-examples", mk.NUM_EXAMPLES), True),
+        ("val-d-loss", ("val-d-loss",), False),
+        ("val-d-accuracy", ("val-d-accuracy",), False),
+    ),
+}
+
+
+def _site_columns(summary: Mapping[str, Any]) -> tuple[tuple[str, tuple[str, ...], bool], ...]:
+    return TASK_SITE_COLUMNS.get(str(summary.get("task", "classification")), SITE_COLUMNS)
 
 _PLOT_DPI = 110
 _PLOT_SIZE_IN = (7.0, 4.5)
@@ -254,7 +279,8 @@ def _site_rows(summary: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]] =
     rows = []
     for site in sorted({*from_round, *from_summary}, key=_natural_key):
         merged = {**from_round.get(site, {}), **from_summary.get(site, {})}
-        cells = [_fmt_count(_first(merged, keys)) if count else _fmt(_first(merged, keys)) for _, keys, count in SITE_COLUMNS]
+        cells = [_fmt_count(_first(merged, keys)) if count else _fmt(_first(merged, keys))
+                 for _, keys, count in _site_columns(summary)]
         rows.append([site, *cells])
     return rows
 
@@ -264,7 +290,7 @@ def format_site_table(summary: Mapping[str, Any]) -> str:
     rows = _site_rows(summary)
     if not rows:
         return "(no per-site metrics in the summary)"
-    header = ["site"] + [name for name, _, _ in SITE_COLUMNS]
+    header = ["site"] + [name for name, _, _ in _site_columns(summary)]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -287,6 +313,7 @@ def _overview(run_dir: Path, summary: Mapping[str, Any], rounds: Sequence[Mappin
     return [
         f"# Run report: {run_dir.name}",
         "",
+        f"- Task: {summary.get('task', 'classification')}",
         f"- Mode: {summary.get('mode', 'n/a')}",
         f"- Strategy: {summary.get('strategy', 'n/a')}",
         f"- Rounds: {summary.get('rounds', len(rounds))} configured, {len(rounds)} recorded",
@@ -323,7 +350,8 @@ def _test_table(summary: Mapping[str, Any]) -> list[str]:
     header = ["metric", f"selected round ({_fmt(summary.get('selected-round'))})"]
     if final:
         header.append("final round")
-    rows = [[key, _fmt(selected.get(key))] + ([_fmt(final.get(key))] if final else []) for key in TEST_METRICS]
+    keys = TASK_TEST_METRICS.get(str(summary.get("task", "classification")), TEST_METRICS)
+    rows = [[key, _fmt(selected.get(key))] + ([_fmt(final.get(key))] if final else []) for key in keys]
     return ["## Test metrics", "", *_md_table(header, rows), ""]
 
 
@@ -331,7 +359,7 @@ def _site_table(summary: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]])
     rows = _site_rows(summary, rounds)
     if not rows:
         return ["## Sites", "", "No per-site metrics were recorded.", ""]
-    header = ["site"] + [name for name, _, _ in SITE_COLUMNS]
+    header = ["site"] + [name for name, _, _ in _site_columns(summary)]
     return ["## Sites", "", *_md_table(header, rows), ""]
 
 

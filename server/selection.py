@@ -2,7 +2,9 @@
 
 Sites send validation score histograms (counts, no per-image values); the server pools
 them into a validation AUC per round and a threshold that maximises balanced accuracy
-(Youden's J). The test split is never used to choose anything.
+(Youden's J). Tasks without scores (segmentation) are chosen on the validation metric their
+task names (``Task.score``, e.g. Dice), averaged over sites weighted by validation images.
+The test split is never used to choose anything.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from medfed.common.constants import MetricKey
 
 @dataclass
 class PooledValidation:
-    auc: float
+    score: float  # the task's selection metric (AUC for classification, Dice for segmentation)
     threshold: float | None
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def pool_validation(per_site: dict[str, dict]) -> PooledValidation:
-    """Pooled validation metrics of one round from per-site evaluation replies."""
+def pool_validation(per_site: dict[str, dict], score: str = "auc") -> PooledValidation:
+    """Pooled validation metrics of one round from per-site evaluation replies.
+
+    ``score`` names the metric that chooses the round when no histograms came (the task's).
+    """
     from medfed.common.metrics import (
         auc_from_histograms,
         best_threshold_from_histograms,
@@ -47,8 +52,7 @@ def pool_validation(per_site: dict[str, dict]) -> PooledValidation:
             metrics.update(metrics_at_threshold_from_histograms(pos, neg, threshold))
             metrics["loss"] = averaged.get("loss", float("nan"))
             return PooledValidation(auc, threshold, metrics)
-    auc = averaged.get("auc", float("nan"))
-    return PooledValidation(auc, None, averaged)
+    return PooledValidation(averaged.get(score, float("nan")), None, averaged)
 
 
 def _weighted_means(per_site: dict[str, dict], weights: dict[str, float], prefix: str) -> dict[str, float]:
@@ -67,7 +71,7 @@ def _weighted_means(per_site: dict[str, dict], weights: dict[str, float], prefix
 
 @dataclass
 class Selection:
-    """Best round so far by pooled validation AUC (or simply the last round)."""
+    """Best round so far by the pooled validation score, AUC or Dice (or simply the last round)."""
 
     rule: str = "val-auc"
     best_round: int = 0
@@ -76,8 +80,9 @@ class Selection:
 
     def consider(self, server_round: int, pooled: PooledValidation) -> bool:
         """Take this round if it is better; returns True when it was taken."""
-        score = pooled.auc if math.isfinite(pooled.auc) else -math.inf
-        if self.rule == "last" or self.best_round == 0 or score > self.best_score:
+        score = pooled.score if math.isfinite(pooled.score) else -math.inf
+        unscored = score == -math.inf and self.best_score == -math.inf  # no score at all: the latest round
+        if self.rule == "last" or self.best_round == 0 or unscored or score > self.best_score:
             self.best_round, self.best_score, self.threshold = server_round, score, pooled.threshold
             return True
         return False

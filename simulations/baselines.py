@@ -21,12 +21,13 @@ from typing import Any
 from flwr.app import ArrayRecord
 from medfed.client.site_data import SiteRuntime, simulation_state_dir
 from medfed.client.task import evaluate_round
-from medfed.common.arrays import arrays_to_state_dict, model_to_arrays
+from medfed.common.arrays import arrays_to_state_dict, load_arrays, model_to_arrays
 from medfed.common.checkpoint import Checkpoint
 from medfed.common.config import StudyConfig
 from medfed.common.data.splits import FederatedData, ImageSplit
 from medfed.common.models import build_model, model_spec
-from medfed.common.training import TrainSettings, derive_seed, resolve_device, train
+from medfed.common.tasks import get_task
+from medfed.common.training import TrainSettings, derive_seed, resolve_device
 from medfed.server.central import evaluate_arrays
 from medfed.server.recorder import RunRecorder
 from medfed.server.selection import Selection, pool_validation
@@ -79,7 +80,6 @@ def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
 
 def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
     """Run ``cfg.mode`` = centralized or local; writes the same run directory as federated."""
-    import torch
     from medfed.common.data.federated import load_study_data
 
     t_start = time.perf_counter()
@@ -90,12 +90,20 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
     recorder = RunRecorder(cfg.out_dir)
     recorder.reset()
 
-    def new_model():
-        torch.manual_seed(cfg.seed)
-        return build_model(spec)
+    def new_model():  # the federated run's starting point, frozen layers included
+        from medfed.server.frozen import initial_arrays
+
+        trainable, frozen = initial_arrays(cfg, spec)
+        model = build_model(spec)
+        load_arrays(model, frozen.full(trainable))
+        if cfg.freeze_patterns:
+            from medfed.common.transfer import freeze
+
+            freeze(model, cfg.freeze_patterns)
+        return model
 
     if cfg.mode == "centralized":
-        pooled = ImageSplit.concat([s.data.train for s in sites])
+        pooled = type(sites[0].data.train).concat([s.data.train for s in sites])  # ImageSplit or SegSplit
         tracks = [_Track("pooled", pooled, sites, new_model(), Selection(cfg.selection))]
         steps = cfg.local_steps * len(sites)
     else:
@@ -109,11 +117,11 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
         for tr in tracks:
             settings = dataclasses.replace(
                 TrainSettings.from_study(cfg, seed=derive_seed(cfg.seed, rnd, tr.name)), steps=steps)
-            res = train(tr.model, tr.train, settings, device)
+            res = get_task(cfg.task).train(tr.model, tr.train, settings, device)
             losses.append(res.loss)
             arrays = model_to_arrays(tr.model.cpu())
             per_site = _eval_sites(cfg, tr.sites, arrays)
-            pooled_val = pool_validation(per_site)
+            pooled_val = pool_validation(per_site, score=get_task(cfg.task).score)
             if tr.selection.consider(rnd, pooled_val):
                 tr.best = arrays
             all_eval.update(per_site)
@@ -123,7 +131,7 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
             "round": rnd,
             "time": {"round-s": time.perf_counter() - t_round},
             "train": {"train-loss": sum(losses) / len(losses)},
-            "val": pool_validation(all_eval).metrics,
+            "val": pool_validation(all_eval, score=get_task(cfg.task).score).metrics,
             "test": _mean(tests),
             "sites": _rows(all_eval, train_sizes),
         })
@@ -138,6 +146,7 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
             final_tests.append(evaluate_arrays(spec, tr.best, fed.central_test, cfg.device, thr))
     summary = {
         "mode": cfg.mode,
+        "task": cfg.task,
         "strategy": "none",
         "rounds": cfg.num_server_rounds,
         "selected-round": tracks[0].selection.best_round if len(tracks) == 1 else

@@ -56,9 +56,10 @@ def _dynunet() -> nn.Module:
 # --------------------------------------------------------------------------- model checks
 
 
-def test_medfed_cnn_passes_unchanged():
+@pytest.mark.parametrize("name", ["cnn", "cnn-dp"])
+def test_medfed_cnn_passes_unchanged(name):
     torch.manual_seed(0)
-    model = build_model(ModelSpec("cnn", 1, 2, 28))
+    model = build_model(ModelSpec(name, 1, 2, 28))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prepared = prepare_dp_model(model)
     assert type(prepared) is type(model)

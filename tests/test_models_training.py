@@ -26,7 +26,7 @@ def _toy(n=96, size=16, seed=0) -> ImageSplit:
     return ImageSplit(np.clip(images, 0, 1), labels.astype(np.int64))
 
 
-@pytest.mark.parametrize("name, channels, classes", [("cnn", 1, 2), ("cnn", 3, 5), ("densenet121", 1, 3), ("resnet18", 3, 2)])
+@pytest.mark.parametrize("name, channels, classes", [("cnn", 1, 2), ("cnn", 3, 5), ("cnn-dp", 1, 2), ("densenet121", 1, 3), ("resnet18", 3, 2)])
 def test_models_build_forward_and_have_no_batchnorm(name, channels, classes):
     model = build_model(ModelSpec(name, channels, classes, 28))
     out = model(torch.rand(2, channels, 28, 28))
@@ -35,6 +35,14 @@ def test_models_build_forward_and_have_no_batchnorm(name, channels, classes):
     assert not bn, "models must be DP-ready: GroupNorm, never BatchNorm"
     assert norm_parameter_names(model), "norm layers are found for FedBN"
     assert set(norm_parameter_names(model)) <= set(model.state_dict())
+
+
+def test_dp_classifier_is_small_and_tanh():
+    dp_model, default = build_model(ModelSpec("cnn-dp", 1, 2, 28)), build_model(ModelSpec("cnn", 1, 2, 28))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(dp_model) * 8 < count(default)
+    assert any(isinstance(m, nn.Tanh) for m in dp_model.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in dp_model.modules())
 
 
 @pytest.mark.parametrize("kwargs", [dict(name="vgg", in_channels=1, num_classes=2, image_size=28),

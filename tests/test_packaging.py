@@ -25,6 +25,9 @@ def test_wheel_holds_only_the_medfed_namespace(tmp_path):
         assert f"medfed/{pkg}/__init__.py" in names
     assert "medfed/__init__.py" not in names, "medfed is an implicit namespace"
     assert "medfed/common/data/federated.py" in names
+    for folder in ("server", "client", "common", "simulations"):  # every subpackage, e.g. common/dp
+        for init in (REPO / folder).rglob("__init__.py"):
+            assert f"medfed/{init.relative_to(REPO).as_posix()}" in names, f"{init.parent} is not in the wheel"
     assert not any(n.startswith(("server/", "client/", "common/", "tests/")) for n in names)
 
 

@@ -29,6 +29,10 @@ __all__ = ["build_federated_data", "load_federated_cached", "load_study_data"]
 
 def load_study_data(cfg: StudyConfig) -> FederatedData:
     """The study's data: a partitioned dataset, or real sites described by site.yaml files."""
+    if cfg.task == "segmentation":
+        from medfed.common.segmentation.study import load_segmentation_study
+
+        return load_segmentation_study(cfg.dataset, cfg.data_path, cfg.num_sites, cfg.seed, cfg.image_size)
     if cfg.dataset == "sites":
         from medfed.common.intake.federated_sites import load_sites_federated
 

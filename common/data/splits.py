@@ -75,6 +75,11 @@ class ImageSplit:
         return int(self.labels.shape[0])
 
     @property
+    def targets(self) -> np.ndarray:
+        """What the training loss compares the model's output with: the class labels."""
+        return self.labels
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
@@ -153,7 +158,7 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class SiteData:
-    """One site's (hospital's) train/val/test splits."""
+    """One site's (hospital's) train/val/test splits (ImageSplit, or SegSplit for segmentation)."""
 
     site_id: str
     train: ImageSplit
@@ -214,6 +219,7 @@ class FederatedData:
 
 
 def _check_against_info(split: ImageSplit, info: DatasetInfo) -> list[str]:
+    """Problems of ``split`` (an ImageSplit, or a segmentation SegSplit: same fields) against ``info``."""
     problems = []
     c, h, w = split.image_shape
     if (c, h, w) != (info.in_channels, info.image_size, info.image_size):
@@ -221,8 +227,8 @@ def _check_against_info(split: ImageSplit, info: DatasetInfo) -> list[str]:
             f"image shape {(c, h, w)} does not match the dataset "
             f"({info.in_channels}, {info.image_size}, {info.image_size})"
         )
-    if len(split) and int(split.labels.max()) >= info.num_classes:
-        problems.append(f"label {int(split.labels.max())} out of range 0..{info.num_classes - 1}")
+    if len(split) and int(split.targets.max()) >= info.num_classes:  # class labels, or mask values
+        problems.append(f"label {int(split.targets.max())} out of range 0..{info.num_classes - 1}")
     if info.group_name is None and split.groups is not None:
         problems.append("has group codes but the dataset declares no group_name")
     if info.group_name is not None:
