@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord
+from medfed.client.augment import training_split
 from medfed.client.privacy import start_round
 from medfed.client.site_data import SiteRuntime
 from medfed.client.site_state import load_local_layers, save_local_layers
@@ -70,13 +71,14 @@ def train_round(
     settings = TrainSettings.from_study(
         cfg, seed=derive_seed(cfg.seed, server_round, site.site_id), proximal_mu=mu
     )
-    n_train = len(site.data.train)
+    train_data = training_split(cfg, site.site_id, site.data.train)
+    n_train = len(train_data)
     private = start_round(cfg, site, server_round, settings.num_steps(n_train), n_train)
     task = get_task(cfg.task)
     if private is not None:
         model = _dp_model(model, site, task)
     global_params = arrays_to_state_dict(arrays) if mu > 0 else None
-    result = task.train(model, site.data.train, settings, device, global_params=global_params,
+    result = task.train(model, train_data, settings, device, global_params=global_params,
                         dp=None if private is None else private.dp)
     model.cpu()
     if fedbn:

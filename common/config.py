@@ -104,6 +104,11 @@ class StudyConfig:
     initial_weights: str = ""  # a medfed checkpoint or a plain state_dict file ("": from scratch)
     new_head: bool = False  # re-initialise the classifier head even when its shape fits
     freeze: str = ""  # comma-separated parameter-name patterns (fnmatch, e.g. "features.*"); not trained, not sent
+    # augmentation (classification): sites add images from a trained conditional GAN to their training data
+    augment_model: str = ""  # a medfed generation checkpoint (model.pt of a --task generation study)
+    augment_classes: str = ""  # comma-separated class indices to add (e.g. "1")
+    augment_count: int = 0  # generated images per class and site
+    augment_group: int = -1  # group code of generated images at sites with group codes (-1: none)
     # outputs
     selection: str = "val-auc"
     out_dir: str = "runs/latest"
@@ -189,6 +194,12 @@ class StudyConfig:
                               "give initial-weights (a checkpoint) or leave freeze empty")
         if self.new_head and not self.initial_weights:
             raise ConfigError("new-head needs initial-weights: a fresh model's head is new anyway")
+        if self.augment_model and (self.task != "classification" or not self.augment_classes or self.augment_count < 1):
+            raise ConfigError("augment-model adds generated images to classification training data: set task "
+                              "classification, augment-classes (e.g. 1) and augment-count >= 1")
+        if self.augment_classes and not all(c.strip().isdigit() for c in self.augment_classes.split(",")):
+            raise ConfigError(f"augment-classes={self.augment_classes!r} must be comma-separated class indices")
+        check_range("augment-count", self.augment_count, 0, 10**6)
         if self.mode == "federated" and self.min_sites > self.num_sites:
             raise ConfigError(
                 f"min-sites={self.min_sites} is larger than num-sites={self.num_sites}: "

@@ -45,6 +45,11 @@ class Task:
     final_evaluation: bool = False  # True: final_evaluate adds metrics of the reported model
 
     @property
+    def monitor(self) -> str:
+        """The metric the round log shows: the selection score, else the task's own."""
+        return self.score
+
+    @property
     def default_model(self) -> str:
         return self.models[0]
 
@@ -126,6 +131,7 @@ class Generation(Task):
     models = GENERATORS
     score = ""  # no validation score: the last round is reported
     final_evaluation = True
+    monitor = "d-loss"
     tstr_images_per_class = 500
     tstr_steps = 300
 

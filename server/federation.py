@@ -268,8 +268,9 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         )
         log.info(
             "round %d/%d: val %s %s | test %s %s | %d/%d sites trained | %.1fs",
-            rnd, cfg.num_server_rounds, task.score, _fmt(pooled.score), task.score,
-            _fmt(test_metrics.get(task.score)), len(train_ok), len(train_msgs), record["time"]["round-s"],
+            rnd, cfg.num_server_rounds, task.monitor, _fmt(pooled.metrics.get(task.monitor, pooled.score)),
+            task.monitor, _fmt(test_metrics.get(task.monitor)), len(train_ok), len(train_msgs),
+            record["time"]["round-s"],
         )
 
     return _finish(grid, cfg, strategy, spec, central, recorder, st, time.perf_counter() - t_start)
