@@ -4,9 +4,10 @@
 # classifier cnn-dp (6k parameters, tanh) throughout, plus the default cnn without DP for scale.
 # Then a membership-inference audit (loss threshold + offline LiRA) of each final model against
 # site 0's training data vs its held-out data.
-# A second pair, "leaky", trains the default cnn on BreastMNIST (546 training images, so about
-# 110 per site) for 10 local epochs a round (10 rounds), which overfits enough for the attacks
-# to see it, without DP and with epsilon 8: same schedule, same model, only DP differs.
+# A second pair, "leaky", trains the default cnn on BreastMNIST split between 2 iid sites (273
+# training images each) for 15 rounds of 100 local steps at batch 32 (about 12 epochs a round),
+# which overfits enough for the attacks to see it, without DP and with epsilon 8: same
+# schedule, same model, only DP differs; both sites are audited.
 # Usage: bash bench/dp_acceptance.sh [OUT_DIR] [ROUNDS]   (prints one table at the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,10 +38,14 @@ for eps in 8 3 1; do
   run "eps-$eps" --model cnn-dp --rounds "$ROUNDS" --local-epochs 1 $(dp "$eps")
 done
 BREAST="${MEDFED_SHARED_DATA:-../shared/data}/breastmnist/breastmnist.npz"
-leaky=(--data "$BREAST" --model cnn --rounds 10 --local-epochs 10)
+leaky=(--data "$BREAST" --sites 2 --partition iid --model cnn --rounds 15 --local-steps 100 --batch-size 32)
 run leaky-none "${leaky[@]}"
 # shellcheck disable=SC2046
 run leaky-eps-8 "${leaky[@]}" $(dp 8)
+for name in leaky-none leaky-eps-8; do  # the leaky pair's second site too
+  [ -f "$OUT/$name/privacy-audit-site1.json" ] || medfed privacy audit --model "$OUT/$name/model.pt" \
+    --site-index 1 --out "$OUT/$name/privacy-audit-site1.json" > "$OUT/$name-audit1.log" 2>&1
+done
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -53,9 +58,14 @@ for name in ("none-cnn", "none", "eps-8", "eps-3", "eps-1", "leaky-none", "leaky
         continue
     s = json.loads((d / "summary.json").read_text())
     spent = max((r.get("epsilon", 0.0) for r in s["sites"].values()), default=0.0)
-    a = json.loads((d / "privacy-audit.json").read_text())["attacks"] if (d / "privacy-audit.json").is_file() else {}
-    loss, lira = a.get("loss-threshold", {}), a.get("lira-offline", {})
-    print(f"{name:<12} {s['config']['model']:<7} {spent:>9.3f} {s['test']['auc']:>8.4f} {s['test']['accuracy']:>8.4f} "
-          f"{s['selected-round']!s:>5} {s['wall-s']:>6.0f} {loss.get('auc', float('nan')):>12.3f} "
-          f"{lira.get('auc', float('nan')):>12.3f} {lira.get('tpr@fpr=1%', float('nan')):>11.3f}")
+    for audit in ("privacy-audit.json", "privacy-audit-site1.json"):
+        if not (d / audit).is_file():
+            continue
+        a = json.loads((d / audit).read_text())
+        loss, lira = a["attacks"].get("loss-threshold", {}), a["attacks"].get("lira-offline", {})
+        label = name if audit == "privacy-audit.json" else f"  ({a['site']})"
+        print(f"{label:<12} {s['config']['model']:<7} {spent:>9.3f} {s['test']['auc']:>8.4f} "
+              f"{s['test']['accuracy']:>8.4f} {s['selected-round']!s:>5} {s['wall-s']:>6.0f} "
+              f"{loss.get('auc', float('nan')):>12.3f} {lira.get('auc', float('nan')):>12.3f} "
+              f"{lira.get('tpr@fpr=1%', float('nan')):>11.3f}")
 PY

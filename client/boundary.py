@@ -1,10 +1,11 @@
 """The privacy boundary: what a site's reply may contain, checked before it leaves.
 
 A reply holds model arrays (only names the server sent), aggregate metrics under a fixed
-set of names with numeric values, and the site's id. Anything else (a path, a patient
-id, a DICOM tag value, a per-sample value, a free-text string) is refused here, so a bug
-elsewhere cannot leak it. Error replies carry the exception type and, only for
-:class:`PublicSiteError`, a message written to be shared; details stay in the site log.
+set of names with numeric values (lists only for the fixed-size score histograms, pooled and
+per group), and the site's id. Anything else (a path, a patient id, a DICOM tag value, a
+per-sample value, a free-text string) is refused here, so a bug elsewhere cannot leak it.
+Error replies carry the exception type and, only for :class:`PublicSiteError`, a message
+written to be shared; details stay in the site log.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from medfed.common.constants import NUM_HIST_BINS, SPLITS, MetricKey, RecordKey, SiteKey
+from medfed.common.constants import (
+    GROUP_HISTOGRAM_KEYS,
+    GROUP_SCALAR_KEYS,
+    NUM_HIST_BINS,
+    SPLITS,
+    MetricKey,
+    RecordKey,
+    SiteKey,
+)
 from medfed.common.errors import MedfedError
 
 EVAL_METRICS = (
@@ -20,9 +29,10 @@ EVAL_METRICS = (
     MetricKey.SENSITIVITY, MetricKey.SPECIFICITY, MetricKey.NUM_EXAMPLES,
     MetricKey.DICE, MetricKey.HD95, MetricKey.HD95_COUNT, MetricKey.D_LOSS, MetricKey.D_ACCURACY,
 )
-HISTOGRAM_KEYS = frozenset({MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value})
+HISTOGRAM_KEYS = frozenset({MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value}) | GROUP_HISTOGRAM_KEYS
 ALLOWED_METRICS = frozenset(
     {k.value for k in MetricKey} | {f"{s}-{m.value}" for s in SPLITS for m in EVAL_METRICS}
+    | GROUP_SCALAR_KEYS | GROUP_HISTOGRAM_KEYS  # per-group counts (medfed.common.fairness), k-anonymous
 )
 ALLOWED_RECORDS = frozenset({RecordKey.ARRAYS.value, RecordKey.METRICS.value, RecordKey.SITE.value})
 

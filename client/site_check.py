@@ -39,15 +39,24 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     from medfed.common.site_config import load_site_config
 
     site = load_site_config(args.config)
+    if site.task == "segmentation":
+        from medfed.common.segmentation.qc import check_seg_site
+
+        return _finish(site, check_seg_site(site), args.report)
     if site.dataset not in ("manifest", "dicom"):
         raise MedfedError(
             f"site {site.site_id} uses dataset {site.dataset!r}, which has no per-file intake to "
             "check: site check is for manifest and DICOM-folder sites"
         )
-    from medfed.common.intake.qc import check_site, format_qc
+    from medfed.common.intake.qc import check_site
 
-    report = check_site(site)
-    out = args.report or Path(site.state_dir) / REPORT_NAME
+    return _finish(site, check_site(site), args.report)
+
+
+def _finish(site: Any, report: Any, report_path: Path | None) -> int:
+    from medfed.common.intake.qc import format_qc
+
+    out = report_path or Path(site.state_dir) / REPORT_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")

@@ -56,8 +56,6 @@ def site_runtime(site: SiteConfig, cfg: StudyConfig) -> SiteRuntime:
 
 
 def _simulated_site(cfg: StudyConfig, partition_id: int, num_partitions: int) -> SiteRuntime:
-    from medfed.common.data.federated import load_study_data
-
     if num_partitions != cfg.num_sites:
         raise ConfigError(
             f"the simulation has {num_partitions} nodes but num-sites={cfg.num_sites}: "
@@ -67,9 +65,32 @@ def _simulated_site(cfg: StudyConfig, partition_id: int, num_partitions: int) ->
         from medfed.common.intake.federated_sites import load_site_configs
 
         return site_runtime(load_site_configs(cfg.data_path)[partition_id], cfg)
-    fed = load_study_data(cfg)
+    if cfg.site_shards:  # written by the simulation driver: map this site's arrays, nothing else
+        info, data = _shard_site_cached(cfg.site_shards, partition_id, num_partitions, _mtime_ns(cfg.site_shards))
+        return SiteRuntime(data.site_id, info, data, simulation_state_dir(cfg, data.site_id))
+    from medfed.common.data.federated import load_study_data
+
+    fed = load_study_data(cfg)  # direct callers: the whole study, memoised per process
     data = fed.sites[partition_id]
     return SiteRuntime(data.site_id, fed.info, data, simulation_state_dir(cfg, data.site_id))
+
+
+@functools.lru_cache(maxsize=1)  # one actor runs many sites in turn: keep only the latest one
+def _shard_site_cached(shard_dir: str, partition_id: int, num_partitions: int,
+                       mtime_ns: int) -> tuple[DatasetInfo, SiteData]:
+    from medfed.common.data.shards import load_site_shard
+
+    del mtime_ns  # cache key only: rewritten shards are read again
+    return load_site_shard(Path(shard_dir), partition_id, num_partitions)
+
+
+def _mtime_ns(shard_dir: str) -> int:
+    from medfed.common.data.shards import MANIFEST
+
+    try:
+        return (Path(shard_dir) / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return 0  # load_site_shard raises the DataError saying what is missing
 
 
 def _deployed_site_config(node_config: Mapping[str, Any]) -> SiteConfig:

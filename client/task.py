@@ -123,13 +123,16 @@ def evaluate_round(
     """Evaluate the global model on the site's validation and test data (never training data).
 
     Returns per-split metrics prefixed ``val-``/``test-``, the validation score
-    histograms (binary classification; counts only, no per-image values) and ``num-examples``
-    (validation samples, the weight for averaging).
+    histograms (binary classification; counts only, no per-image values), per-group
+    confusion counts and score histograms when the site's data has group codes
+    (:func:`medfed.common.fairness.group_counts`, small groups suppressed) and
+    ``num-examples`` (validation samples, the weight for averaging).
     """
-    from medfed.common.metrics import score_histograms
+    from medfed.common.fairness import group_counts
+    from medfed.common.metrics import DEFAULT_THRESHOLD, score_histograms
 
     fedbn = bool(config.get(ConfigKey.FEDBN.value, False))
-    threshold = config.get("threshold")
+    threshold = config.get(ConfigKey.THRESHOLD.value)
     model, _, _ = _prepare_model(cfg, site, arrays, fedbn)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task)
@@ -141,9 +144,18 @@ def evaluate_round(
         )
         for key, value in metrics.items():
             out[f"{split_name}-{key}"] = float(value)
-        if split_name == "val" and probs is not None and probs.ndim == 2 and probs.shape[1] == 2 and len(split):
+        binary = probs is not None and probs.ndim == 2 and probs.shape[1] == 2  # binary classification
+        if not binary or not len(split):
+            continue
+        if split_name == "val":
             pos, neg = score_histograms(split.labels, probs[:, 1], bins=NUM_HIST_BINS)
             out[MetricKey.VAL_HIST_POS.value] = [float(v) for v in np.asarray(pos)]
             out[MetricKey.VAL_HIST_NEG.value] = [float(v) for v in np.asarray(neg)]
+        if split.groups is not None:
+            out.update(group_counts(
+                probs[:, 1], split.labels, split.groups,
+                threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
+                num_groups=len(site.info.group_values) or None, bins=NUM_HIST_BINS, split=split_name,
+            ))
     out[MetricKey.NUM_EXAMPLES.value] = float(len(site.data.val))
     return out

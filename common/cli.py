@@ -32,6 +32,12 @@ _SIM_FLAGS: dict[str, str] = {
     "sites": "num-sites",
     "partition": "partition",
     "alpha": "alpha",
+    "quantity_exponent": "quantity-exponent",
+    "min_site_size": "min-site-size",
+    "group_proportions": "group-proportions",
+    "group_contrast": "group-contrast",
+    "shift": "shift",
+    "shift_strength": "shift-strength",
     "strategy": "strategy",
     "rounds": "num-server-rounds",
     "local_epochs": "local-epochs",
@@ -42,6 +48,7 @@ _SIM_FLAGS: dict[str, str] = {
     "task": "task",
     "model": "model",
     "image_size": "image-size",
+    "spatial_dims": "spatial-dims",
     "mode": "mode",
     "seed": "seed",
     "min_sites": "min-sites",
@@ -59,6 +66,9 @@ _SIM_FLAGS: dict[str, str] = {
     "central_clip": "central-clip",
     "central_epsilon": "central-epsilon",
     "freeze": "freeze",
+    "ray_address": "ray-address",
+    "site_cpus": "site-cpus",
+    "site_gpus": "site-gpus",
 }
 
 
@@ -72,12 +82,12 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--config", help="study YAML (flat kebab-case keys, as in [tool.flwr.app.config])")
     p.add_argument("--task", help="classification (default) or segmentation")
     p.add_argument("--data", help="MedMNIST .npz file, or for segmentation an .npz with train_images/"
-                   "train_masks/val_.../test_... (default: the built-in synthetic dataset)")
+                   "train_masks/val_.../test_..., or the UCI Heart Disease folder (tabular, four "
+                   "hospitals: --partition natural) (default: the built-in synthetic dataset)")
     p.add_argument("--sites", type=int, help="number of sites (default 4)")
     p.add_argument("--site-configs", help="comma-separated site.yaml files: simulate these real sites "
                    "(each reads its own manifest or DICOM folder) instead of splitting a dataset")
-    p.add_argument("--partition", help="iid or dirichlet (label skew)")
-    p.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller = more skew)")
+    _add_partition_arguments(p)
     p.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, "
                    "fedtrimmedavg, krum, multikrum, bulyan, qfedavg, fedbn")
     p.add_argument("--rounds", type=int, help="federated rounds (default 10)")
@@ -87,8 +97,11 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", help="adam or sgd")
     p.add_argument("--model", help="classification: cnn (default), cnn-dp (small tanh CNN for DP), densenet121, "
-                   "resnet18; segmentation: unet (default), basicunet")
+                   "resnet18; tabular (uci-heart): logreg (default), mlp; segmentation: unet (default), basicunet")
     p.add_argument("--image-size", type=int, help="model input side in pixels (default: the data's)")
+    p.add_argument("--spatial-dims", type=int, choices=(2, 3),
+                   help="segmentation: 3 for volumes (3D U-Net; the synthetic default then generates "
+                        "volumes); default: the data's")
     p.add_argument("--mode", help="federated (default), centralized or local")
     p.add_argument("--seed", type=int)
     p.add_argument("--min-sites", type=int)
@@ -113,9 +126,32 @@ def _add_simulate(sub: Any) -> None:
                    "classifier head even when its size fits")
     p.add_argument("--freeze", help="with --init: comma-separated parameter-name patterns to freeze "
                    "(e.g. 'features.*'); frozen layers are neither trained nor sent by the sites")
+    p.add_argument("--ray-address", help="run the sites on a running Ray cluster: its GCS address HOST:PORT "
+                   "(as 'ray start --head' prints it) or auto (default: start a local Ray instance)")
+    p.add_argument("--site-cpus", type=float, help="CPUs per site actor; actors = cluster CPUs / this "
+                   "(default min(2, cores))")
+    p.add_argument("--site-gpus", type=float, help="GPU share per site actor, e.g. 0.25: four per GPU "
+                   "(default 1/min(sites, 4) when CUDA is present, else 0)")
     p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
     p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
     p.set_defaults(func=cmd_simulate)
+
+
+def _add_partition_arguments(p: argparse.ArgumentParser) -> None:
+    """How a dataset is split into simulated sites (README "Partitions")."""
+    p.add_argument("--partition", help="iid, dirichlet (label skew), quantity (power-law sizes), demographic "
+                   "(group skew) or natural (the data's own sites, e.g. UCI Heart's hospitals)")
+    p.add_argument("--alpha", type=float, help="dirichlet: concentration (smaller = more skew; default 1)")
+    p.add_argument("--quantity-exponent", type=float, help="quantity: site k holds a share (k+1)^-exponent "
+                   "(0 equal, 1 default, 2 steep)")
+    p.add_argument("--min-site-size", type=int, help="fewest training samples per site (default 2)")
+    p.add_argument("--group-proportions", help="demographic: fraction of group code 1 per site, e.g. 0.8,0.2 "
+                   "(default: a spread around the global fraction)")
+    p.add_argument("--group-contrast", help="synthetic: lesion contrast of group 0 and group 1 (female, male), "
+                   "e.g. 0.4,1 to inject a known bias against group 0 (default 1,1)")
+    p.add_argument("--shift", help="none (default) or scanner: per-site MONAI intensity, noise, blur and "
+                   "resolution transforms, combinable with any partition")
+    p.add_argument("--shift-strength", type=float, help="scanner: 0 identical .. 1 default .. 3 strong")
 
 
 def _config_task(path: str | None) -> str:
@@ -140,6 +176,10 @@ def study_from_args(args: argparse.Namespace) -> Any:
     if args.data:
         task = args.task or _config_task(args.config)
         overrides["dataset"] = "npz" if task == "segmentation" else "medmnist"
+        from medfed.common.data.uci_heart import is_uci_heart_dir
+
+        if is_uci_heart_dir(args.data):  # the UCI Heart Disease folder: four real hospitals
+            overrides["dataset"] = "uci-heart"
         overrides["data-path"] = str(Path(args.data).resolve())
     if args.site_configs:
         paths = [str(Path(p.strip()).resolve()) for p in args.site_configs.split(",") if p.strip()]
@@ -182,6 +222,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # Load the data once up front: a missing or corrupt file fails here, before any
     # run directory, checkpoint or Ray process exists.
     fed = load_study_data(cfg)
+    from medfed.common.training import check_group_reweight
+
+    check_group_reweight(cfg, [s.train for s in fed.sites])
     log.info("study: %s on %s, %d sites (%s), mode %s, %d rounds -> %s", cfg.strategy, fed.info.name,
              cfg.num_sites, ", ".join(str(len(s.train)) for s in fed.sites), cfg.mode,
              cfg.num_server_rounds, cfg.out_dir)
@@ -203,21 +246,67 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- study
+def _add_study(sub: Any) -> None:
+    p = sub.add_parser("study", help="bias studies: run a grid of simulations from one YAML file, compare them")
+    ssub = p.add_subparsers(dest="study_cmd", required=True, parser_class=_Parser)
+    r = ssub.add_parser("run", help="run every cell of a study file not finished before, then write the tables",
+                        description="Run the grid of a study file (strategies x partitions x DP settings x "
+                        "seeds, plus centralized/local baselines) on Flower's simulation engine; finished "
+                        "cells are skipped; writes OUT/comparison.csv and OUT/comparison.md.")
+    r.add_argument("file", help="study YAML: name, base, grid, baselines, out (see README)")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
+    r.set_defaults(func=cmd_study_run)
+    t = ssub.add_parser("table", help="rebuild the comparison tables of a study folder")
+    t.add_argument("out", help="the study's out folder")
+    t.set_defaults(func=cmd_study_table)
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from medfed.simulations.study import cell_state, load_study_spec, plan_cells, run_study
+    from medfed.simulations.study_table import MD_FILE
+
+    spec = load_study_spec(args.file)
+    cells = plan_cells(spec)
+    if args.dry_run:
+        for cell in cells:
+            emit(f"{cell_state(cell):8s} {cell.cell_id}")
+        emit(f"{len(cells)} cells -> {spec.out}")
+        return EXIT_OK
+    outcomes = run_study(spec, cells)
+    failed = [o for o in outcomes if o.status == "failed"]
+    emit(f"{len(outcomes)} cells: {sum(o.status == 'ran' for o in outcomes)} ran, "
+         f"{sum(o.status == 'skipped' for o in outcomes)} skipped, {len(failed)} failed")
+    emit(str(spec.out / MD_FILE))
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def cmd_study_table(args: argparse.Namespace) -> int:
+    from medfed.simulations.study_table import write_tables
+
+    for path in write_tables(Path(args.out)):
+        emit(str(path))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- report / data
 def _add_report(sub: Any) -> None:
-    p = sub.add_parser("report", help="write report.md (with plots) for a run directory")
+    p = sub.add_parser("report", help="write report.md (with plots) and a self-contained report.html "
+                       "for a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from medfed.server.report import write_report
+    from medfed.server.report_html import HTML_FILE
 
     try:
         path = write_report(Path(args.run_dir))
     except FileNotFoundError as exc:
         raise MedfedError(str(exc)) from exc
     emit(str(path))
+    emit(str(path.with_name(HTML_FILE)))
     return EXIT_OK
 
 
@@ -236,6 +325,14 @@ def _add_data(sub: Any) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="sites/covid", help="folder for the site folders (default sites/covid)")
     c.set_defaults(func=cmd_data_covid_sites)
+    pt = dsub.add_parser("partition", help="split a dataset into simulated sites and write only the summary "
+                         "(partition.json, .md, .png: counts per site x split x label x group)")
+    pt.add_argument("--data", help="MedMNIST .npz file or UCI Heart Disease folder (default: synthetic)")
+    pt.add_argument("--sites", type=int, help="number of sites (default 4)")
+    pt.add_argument("--seed", type=int)
+    _add_partition_arguments(pt)
+    pt.add_argument("--out", required=True, help="folder to write the summary into")
+    pt.set_defaults(func=cmd_data_partition)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -243,6 +340,28 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
     emit(str(fetch_medmnist(args.name, Path(args.dest), size=args.size)))
     return EXIT_OK
+
+
+def cmd_data_partition(args: argparse.Namespace) -> int:
+    from medfed.common.config import parse_study_config
+    from medfed.common.data.partition_summary import write_study_partition
+
+    keys = {"sites": "num-sites", "seed": "seed", "partition": "partition", "alpha": "alpha",
+            **{a: k for a, k in _SIM_FLAGS.items() if k in _PARTITION_KEYS}}
+    mapping: dict[str, Any] = {k: getattr(args, a) for a, k in keys.items() if getattr(args, a) is not None}
+    if args.data:
+        from medfed.common.data.uci_heart import is_uci_heart_dir
+
+        mapping["dataset"] = "uci-heart" if is_uci_heart_dir(args.data) else "medmnist"
+        mapping["data-path"] = str(Path(args.data).resolve())
+    mapping.update({"min-sites": 1, "out-dir": str(Path(args.out).resolve())})
+    for path in write_study_partition(parse_study_config(mapping)):
+        emit(str(path))
+    return EXIT_OK
+
+
+_PARTITION_KEYS = ("quantity-exponent", "min-site-size", "group-proportions", "group-contrast", "shift",
+                   "shift-strength")
 
 
 def cmd_data_covid_sites(args: argparse.Namespace) -> int:
@@ -289,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
+    _add_study(sub)
     _add_report(sub)
     _add_data(sub)
     _add_deployment(sub)

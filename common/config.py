@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.common.errors import ConfigError
-from medfed.common.tasks import CLASSIFIERS, GENERATORS, SEGMENTERS, TASKS, get_task
+from medfed.common.tasks import CLASSIFIERS, GENERATORS, SEGMENTERS, TABULAR, TASKS, get_task
 
 STRATEGIES = (
     "fedavg",
@@ -36,9 +36,12 @@ STRATEGIES = (
     "fedbn",
 )
 MODELS = CLASSIFIERS + SEGMENTERS + GENERATORS
-DATASETS = ("synthetic", "medmnist", "sites", "npz")
+DATASETS = ("synthetic", "medmnist", "sites", "npz", "uci-heart")
+TABULAR_DATASETS = ("uci-heart",)  # feature vectors: tabular models only (medfed.common.tabular)
+UCI_HEART_SITES = 4  # its real hospitals: Cleveland, Hungary, Switzerland, VA Long Beach
 SEGMENTATION_DATASETS = ("synthetic", "npz")
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "quantity", "demographic", "natural")  # medfed.common.data.partition
+SHIFTS = ("none", "scanner")  # medfed.common.data.shift
 OPTIMIZERS = ("sgd", "adam")
 MODES = ("federated", "centralized", "local")
 SELECTIONS = ("val-auc", "last")
@@ -60,12 +63,19 @@ class StudyConfig:
     num_sites: int = 4
     partition: str = "dirichlet"
     alpha: float = 1.0
+    quantity_exponent: float = 1.0  # partition quantity: site k holds (k+1)**-exponent of the data
+    min_site_size: int = 2  # fewest training samples per simulated site (val and test: 2)
+    group_proportions: str = ""  # partition demographic: fraction of group code 1 per site, e.g. "0.8,0.2"
+    group_contrast: str = ""  # synthetic: lesion contrast per group code, e.g. "0.4,1" (an injected bias)
+    shift: str = "none"  # scanner: per-site MONAI intensity/noise/blur/resolution transforms
+    shift_strength: float = 1.0  # 0: identical scanners, 1: default, 2: strong
     seed: int = 0
     # model and local training
     model: str = ""  # "": the task's default (cnn, unet or cgan)
     num_classes: int = 0  # 0: taken from the data (needed when the server holds no data)
     in_channels: int = 0
     image_size: int = 0
+    spatial_dims: int = 0  # 0: from the data (2); 3: volumes (segmentation only)
     local_epochs: int = 1
     local_steps: int = 0
     batch_size: int = 64
@@ -109,6 +119,14 @@ class StudyConfig:
     augment_classes: str = ""  # comma-separated class indices to add (e.g. "1")
     augment_count: int = 0  # generated images per class and site
     augment_group: int = -1  # group code of generated images at sites with group codes (-1: none)
+    # group-aware training (classification): weight each training image by 1 / frequency of its
+    # (group, label) cell at the site, normalised to mean 1 (medfed.common.training.group_weights)
+    group_reweight: bool = False
+    # simulation engine (medfed.simulations.engine): where the sites run and what each gets
+    ray_address: str = ""  # "": start a local Ray instance; "auto" or HOST:PORT: connect to a running cluster
+    site_cpus: float = 0.0  # CPUs per ClientApp actor (0: min(2, cores)); actors = cluster CPUs / site-cpus
+    site_gpus: float = -1.0  # GPU share per actor (-1: 1/min(sites, 4) when CUDA is present, else 0)
+    site_shards: str = ""  # set by the engine for its ClientApps: per-site array files (medfed.common.data.shards)
     # outputs
     selection: str = "val-auc"
     out_dir: str = "runs/latest"
@@ -118,9 +136,11 @@ class StudyConfig:
         check_choice("task", self.task, tuple(TASKS))
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("partition", self.partition, PARTITIONS)
+        _check_partition(self)
         task = get_task(self.task)
         if not self.model:
-            object.__setattr__(self, "model", task.default_model)
+            tabular = self.dataset in TABULAR_DATASETS and self.task == "classification"
+            object.__setattr__(self, "model", TABULAR[0] if tabular else task.default_model)
         check_choice("model", self.model, MODELS)
         if self.model not in task.models:
             raise ConfigError(
@@ -131,6 +151,8 @@ class StudyConfig:
                 f"dataset={self.dataset!r} has no masks: segmentation takes dataset synthetic (the "
                 "default, generated with masks) or npz (train_images/train_masks/... arrays in data-path)"
             )
+        _check_tabular(self)
+        _check_engine(self)
         if self.dataset == "npz" and self.task != "segmentation":
             raise ConfigError("dataset 'npz' holds segmentation masks: use it with task segmentation, "
                               "or dataset medmnist for a MedMNIST classification file")
@@ -143,6 +165,12 @@ class StudyConfig:
         check_range("num-classes", self.num_classes, 0, 100000)
         check_range("in-channels", self.in_channels, 0, 64)
         check_range("image-size", self.image_size, 0, 4096)
+        if self.spatial_dims not in (0, 2, 3):
+            raise ConfigError(f"spatial-dims={self.spatial_dims} is not allowed: choose 0 (from the data), "
+                              "2 (images) or 3 (volumes)")
+        if self.spatial_dims == 3 and self.task != "segmentation":
+            raise ConfigError(f"spatial-dims 3 (volumes) is for segmentation only, not task {self.task!r}: "
+                              "set task segmentation, or leave spatial-dims at 0")
         check_range("alpha", self.alpha, 1e-3, 1e6)
         check_range("local-epochs", self.local_epochs, 0, 1000)
         check_range("local-steps", self.local_steps, 0, 10**7)
@@ -200,11 +228,31 @@ class StudyConfig:
         if self.augment_classes and not all(c.strip().isdigit() for c in self.augment_classes.split(",")):
             raise ConfigError(f"augment-classes={self.augment_classes!r} must be comma-separated class indices")
         check_range("augment-count", self.augment_count, 0, 10**6)
+        if self.strategy == "qfedavg" and self.epsilon > 0:
+            raise ConfigError("strategy qfedavg weights sites by their training loss, which DP sites do not send "
+                              "(the accountant does not cover it): use another strategy with epsilon, or epsilon 0")
+        if self.group_reweight and self.task != "classification":
+            raise ConfigError(f"group-reweight weights a classification loss by group, not a {self.task} loss: "
+                              "set task classification or group-reweight false")
         if self.mode == "federated" and self.min_sites > self.num_sites:
             raise ConfigError(
                 f"min-sites={self.min_sites} is larger than num-sites={self.num_sites}: "
                 "lower min-sites or add sites"
             )
+
+    @property
+    def group_fractions(self) -> tuple[float, ...]:
+        """``group-proportions`` as numbers (the run config carries one comma-separated string)."""
+        return _fractions(self.group_proportions)
+
+    @property
+    def group_contrasts(self) -> tuple[float, ...]:
+        """``group-contrast`` as numbers: () means every group's lesions at full contrast."""
+        try:
+            values = tuple(float(v) for v in self.group_contrast.split(",") if v.strip())
+        except ValueError:
+            values = (float("nan"),)
+        return values
 
     @property
     def freeze_patterns(self) -> tuple[str, ...]:
@@ -218,6 +266,81 @@ class StudyConfig:
     def replace(self, **changes: Any) -> StudyConfig:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_engine(cfg: StudyConfig) -> None:
+    """Keys of the simulation engine: the Ray cluster to use and the resources of one site."""
+    check_range("site-cpus", cfg.site_cpus, 0.0, 1024.0)
+    if cfg.site_gpus != -1.0 and not 0.0 <= cfg.site_gpus <= 64.0:
+        raise ConfigError(f"site-gpus={cfg.site_gpus} is out of range: give a GPU share per site in 0..64 "
+                          "(e.g. 0.25: four sites per GPU), or -1 for the default")
+    address = cfg.ray_address
+    if address in ("", "auto"):
+        return
+    host, _, port = address.rpartition(":")
+    if address.startswith("ray://") or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            f"ray-address={address!r} is not allowed: give \"\" (start a local Ray instance), \"auto\" (the "
+            "cluster this machine joined with 'ray start') or the cluster's GCS address HOST:PORT, as "
+            "'ray start --head' prints it (Ray Client addresses ray://... are not supported)"
+        )
+
+
+def _check_tabular(cfg: StudyConfig) -> None:
+    """Tabular datasets take tabular models and vice versa; UCI Heart is its four hospitals."""
+    if cfg.dataset in TABULAR_DATASETS and cfg.model not in TABULAR:
+        raise ConfigError(f"dataset {cfg.dataset!r} holds feature vectors, not images: use a tabular model "
+                          f"({', '.join(TABULAR)}), not {cfg.model!r}")
+    if cfg.model in TABULAR and cfg.dataset not in TABULAR_DATASETS:
+        raise ConfigError(f"model {cfg.model!r} reads feature vectors: use it with a tabular dataset "
+                          f"({', '.join(TABULAR_DATASETS)}), or an image model (cnn) with {cfg.dataset!r}")
+    if cfg.dataset == "uci-heart":
+        if not cfg.data_path:
+            raise ConfigError("dataset 'uci-heart' needs data-path: the folder of the UCI processed.*.data files "
+                              "(e.g. --data ../shared/data/uci_heart_disease)")
+        if cfg.partition != "natural":
+            raise ConfigError(f"dataset 'uci-heart' is split by its real hospitals, not {cfg.partition!r}: "
+                              "set partition natural (--partition natural)")
+        if cfg.num_sites != UCI_HEART_SITES:
+            raise ConfigError(f"dataset 'uci-heart' has {UCI_HEART_SITES} hospitals but num-sites={cfg.num_sites}: "
+                              f"set num-sites {UCI_HEART_SITES} (the default)")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = (float("nan"),)
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise ConfigError(f"group-proportions={text!r} must be comma-separated fractions in 0..1, "
+                          "one per site (e.g. 0.8,0.2: site-0 80% group 1, site-1 20%)")
+    return values
+
+
+def _check_partition(cfg: StudyConfig) -> None:
+    """Keys of the partition schemes (medfed.common.data.partition) and of acquisition shift."""
+    check_choice("shift", cfg.shift, SHIFTS)
+    check_range("quantity-exponent", cfg.quantity_exponent, 0.0, 10.0)
+    check_range("min-site-size", cfg.min_site_size, 1, 10**6)
+    check_range("shift-strength", cfg.shift_strength, 0.0, 3.0)
+    fractions = cfg.group_fractions
+    if fractions and cfg.partition != "demographic":
+        raise ConfigError(f"group-proportions={cfg.group_proportions!r} is used by partition demographic only: "
+                          f"set partition demographic, or leave group-proportions empty")
+    if fractions and len(fractions) != cfg.num_sites:
+        raise ConfigError(f"group-proportions gives {len(fractions)} fraction(s) for num-sites={cfg.num_sites}: "
+                          "give one fraction of group 1 per site, or leave it empty for a default spread")
+    contrasts = cfg.group_contrasts
+    if contrasts and (len(contrasts) != 2 or not all(0.0 <= c <= 2.0 for c in contrasts)):
+        raise ConfigError(f"group-contrast={cfg.group_contrast!r} must be two numbers in 0..2, the lesion contrast "
+                          "of group 0 and group 1 (synthetic sex: female, male), e.g. 0.4,1")
+    if contrasts and (cfg.dataset != "synthetic" or cfg.task != "classification"):
+        raise ConfigError(f"group-contrast injects a bias into generated images: it needs dataset synthetic and "
+                          f"task classification, not {cfg.dataset!r} / {cfg.task!r}; leave it empty")
+    if cfg.shift != "none" and (cfg.dataset not in ("synthetic", "medmnist") or cfg.task == "segmentation"):
+        raise ConfigError(f"shift={cfg.shift!r} simulates scanners on sites split from one image dataset "
+                          f"(synthetic or medmnist, classification), not dataset {cfg.dataset!r} / task "
+                          f"{cfg.task!r}: set shift none")
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -28,6 +28,7 @@ class ConfigKey(str, Enum):
     FEDBN = "fedbn"
     RUN_SEED = "seed"
     CENTRAL_DP = "central-dp"  # sites send a unit weight (Flower's DP accounting needs equal weights)
+    THRESHOLD = "threshold"  # binary decision threshold the sites apply (0.5 when absent)
 
 
 class SiteKey(str, Enum):
@@ -92,3 +93,29 @@ DP_METRICS = (
     MetricKey.DP_ACCOUNTANT,
 )
 """Privacy metrics a DP site reports with every training reply."""
+
+MAX_GROUPS = 8
+"""Group codes 0..MAX_GROUPS-1 a site reports per-group aggregates for (see medfed.common.fairness)."""
+
+MIN_GROUP_SAMPLES = 5
+"""k-anonymity: a site sends no per-group aggregates for a group with fewer samples in a split."""
+
+GROUP_COUNT_NAMES = ("tp", "fp", "tn", "fn")
+"""Per-group confusion counts at the decision threshold (binary classification)."""
+GROUP_SUPPRESSED = "suppressed"  # 1.0: the group is present at the site but too small to report
+GROUP_HIST_POS = "hist-pos"  # per-group score histograms, NUM_HIST_BINS bins
+GROUP_HIST_NEG = "hist-neg"
+
+
+def group_metric_key(split: str, group: int, name: str) -> str:
+    """Reply key of one per-group aggregate, e.g. ``test-g1-tp`` or ``val-g0-hist-pos``."""
+    return f"{split}-g{group}-{name}"
+
+
+GROUP_SCALAR_KEYS = frozenset(
+    group_metric_key(s, k, n) for s in SPLITS for k in range(MAX_GROUPS) for n in (*GROUP_COUNT_NAMES, GROUP_SUPPRESSED)
+)
+GROUP_HISTOGRAM_KEYS = frozenset(
+    group_metric_key(s, k, n) for s in SPLITS for k in range(MAX_GROUPS) for n in (GROUP_HIST_POS, GROUP_HIST_NEG)
+)
+"""Every per-group key a site may send; only the histogram keys are lists (of NUM_HIST_BINS counts)."""

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from medfed.common.config import MODELS, StudyConfig
+from medfed.common.tasks import SEGMENTERS
 from medfed.common.data.splits import DatasetInfo
 from medfed.common.errors import ConfigError
 from torch import nn
@@ -29,8 +30,16 @@ class ModelSpec:
     in_channels: int
     num_classes: int
     image_size: int
+    spatial_dims: int = 2  # 3: a volumetric (3D) segmentation network
 
     def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ConfigError(f"model spatial_dims={self.spatial_dims} must be 2 (images) or 3 (volumes)")
+        if self.spatial_dims == 3 and self.name not in SEGMENTERS:
+            raise ConfigError(
+                f"model {self.name!r} is 2D only: volumes (spatial-dims 3) need a segmentation "
+                f"model ({', '.join(SEGMENTERS)})"
+            )
         if self.name not in MODELS:
             raise ConfigError(f"model={self.name!r} is not allowed: choose one of {', '.join(MODELS)}")
         for key in ("in_channels", "num_classes", "image_size"):
@@ -50,6 +59,7 @@ def model_spec(cfg: StudyConfig, info: DatasetInfo) -> ModelSpec:
         in_channels=cfg.in_channels or info.in_channels,
         num_classes=cfg.num_classes or info.num_classes,
         image_size=cfg.image_size or info.image_size,
+        spatial_dims=cfg.spatial_dims or info.spatial_dims,
     )
 
 
@@ -134,13 +144,26 @@ def _resnet18(spec: ModelSpec) -> nn.Module:
 def _segmenter(spec: ModelSpec) -> nn.Module:
     from medfed.common.segmentation.models import build_seg_model
 
-    return build_seg_model(spec.name, spec.in_channels, spec.num_classes)
+    return build_seg_model(spec.name, spec.in_channels, spec.num_classes, spatial_dims=spec.spatial_dims)
 
 
 def _conditional_gan(spec: ModelSpec) -> nn.Module:
     from medfed.common.generation.models import ConditionalGAN, GanSpec
 
     return ConditionalGAN(GanSpec(num_classes=spec.num_classes, channels=spec.in_channels, image_size=spec.image_size))
+
+
+# --- tabular classifiers (medfed.common.tabular): features as the channels of a 1x1 image
+def _tabular(spec: ModelSpec) -> nn.Module:
+    from medfed.common.tabular import MLP, LogisticRegression
+
+    if spec.image_size != 1:
+        raise ConfigError(
+            f"model {spec.name!r} reads feature vectors, (N, F, 1, 1) arrays, but this dataset has "
+            f"images of side {spec.image_size}: use an image model (cnn) or a tabular dataset (uci-heart)"
+        )
+    cls = LogisticRegression if spec.name == "logreg" else MLP
+    return cls(spec.in_channels, spec.num_classes)
 
 
 _BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {
@@ -151,6 +174,8 @@ _BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "unet": _segmenter,  # medfed.common.segmentation.models (MONAI, instance norm)
     "basicunet": _segmenter,
     "cgan": _conditional_gan,  # medfed.common.generation.models (DCGAN class, GroupNorm)
+    "logreg": _tabular,  # medfed.common.tabular (Linear layers only)
+    "mlp": _tabular,
 }
 
 

@@ -155,6 +155,9 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIME
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
+    deadline = time.monotonic() + 5.0  # SIGKILL is not instant on a loaded machine: return once they are gone
+    while _left() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def run_in_foreground(proc: subprocess.Popen[bytes]) -> int:

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-CLASSIFIERS = ("cnn", "cnn-dp", "densenet121", "resnet18")
+TABULAR = ("logreg", "mlp")  # feature vectors carried as (N, F, 1, 1) images (medfed.common.tabular)
+CLASSIFIERS = ("cnn", "cnn-dp", "densenet121", "resnet18") + TABULAR
 SEGMENTERS = ("unet", "basicunet")
 GENERATORS = ("cgan",)
 
@@ -57,12 +58,17 @@ class Task:
         """The training loss: a mean over the batch of per-image losses."""
         raise NotImplementedError
 
+    def per_sample_loss(self) -> nn.Module:
+        """The training loss per image (``reduction='none'``), for group reweighting."""
+        raise ConfigError(f"group-reweight is not available for task {self.name!r}: use it with classification")
+
     def train(self, model: nn.Module, data: Any, settings: Any, device: torch.device,
               global_params: Mapping[str, torch.Tensor] | None = None, dp: Any = None) -> Any:
         """One local round (a :class:`~medfed.common.training.TrainResult`): the shared loop."""
         from medfed.common.training import train
 
-        return train(model, data, settings, device, global_params=global_params, dp=dp, loss_fn=self.loss())
+        loss_fn = self.per_sample_loss() if settings.group_reweight else self.loss()
+        return train(model, data, settings, device, global_params=global_params, dp=dp, loss_fn=loss_fn)
 
     def final_evaluate(self, model: nn.Module, central: Any, device: torch.device, seed: int) -> dict[str, float] | None:
         """Extra metrics of the reported model on the server's own data; None: ``evaluate`` on test."""
@@ -87,6 +93,11 @@ class Classification(Task):
         from torch import nn
 
         return nn.CrossEntropyLoss()
+
+    def per_sample_loss(self) -> nn.Module:
+        from torch import nn
+
+        return nn.CrossEntropyLoss(reduction="none")
 
     def evaluate(self, model, split, device, threshold=None):
         from medfed.common.training import evaluate

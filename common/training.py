@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: (mu/2)·||w - w_global||² added to the loss
     seed: int = 0
+    group_reweight: bool = False  # weight each sample by 1 / frequency of its (group, label) cell
 
     @classmethod
     def from_study(cls, cfg: StudyConfig, seed: int, proximal_mu: float = 0.0) -> TrainSettings:
@@ -53,6 +54,7 @@ class TrainSettings:
             weight_decay=cfg.weight_decay,
             proximal_mu=proximal_mu,
             seed=seed,
+            group_reweight=cfg.group_reweight,
         )
 
     def num_steps(self, num_samples: int) -> int:
@@ -99,6 +101,41 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Itera
             done += 1
 
 
+def group_weights(groups: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-sample weights ``N / (K · n_cell)``: each of the ``K`` (group, label) cells present
+    weighs as much as any other in total, and the weights have mean 1 (float32, shape (N,)).
+
+    Group-balanced reweighting: a minority group (and its positives) counts as much in the
+    loss as the majority, without moving or duplicating any image.
+    """
+    groups, labels = np.asarray(groups).reshape(-1), np.asarray(labels).reshape(-1)
+    if groups.shape != labels.shape:
+        raise DataError(f"{groups.shape[0]} group codes for {labels.shape[0]} labels: give one group code per image")
+    if groups.size == 0:
+        return np.zeros(0, dtype=np.float32)
+    _, cell, counts = np.unique(np.stack([groups, labels]), axis=1, return_inverse=True, return_counts=True)
+    cell = cell.reshape(-1)
+    return (groups.size / (len(counts) * counts[cell])).astype(np.float32)
+
+
+def training_weights(data: ImageSplit) -> np.ndarray:
+    """:func:`group_weights` of a training split; ConfigError when it has no group codes."""
+    if getattr(data, "groups", None) is None:
+        raise ConfigError(
+            "group-reweight needs group codes (e.g. sex) for the training images, and this data has none: "
+            "use data with a group attribute (the synthetic default, or site manifests with group-attribute) "
+            "or set group-reweight false"
+        )
+    return group_weights(data.groups, data.labels)
+
+
+def check_group_reweight(cfg: StudyConfig, train_splits: Iterable[ImageSplit]) -> None:
+    """Before a study starts: refuse ``group-reweight`` when a site's training split has no group codes."""
+    if cfg.group_reweight:
+        for split in train_splits:
+            training_weights(split)
+
+
 def _optimizer(model: nn.Module, s: TrainSettings) -> Adam | SGD:
     """torch.optim's update rules without its 2.9 s import of torch._dynamo (see common.optim)."""
     if s.optimizer == "sgd":
@@ -119,7 +156,10 @@ def train(
 
     ``data`` is any split with ``images`` and ``targets`` (class labels, or segmentation
     masks); ``loss_fn`` (default cross-entropy) is the task's loss, a mean over the batch's
-    per-image losses, which is what DP-SGD's per-sample clipping assumes.
+    per-image losses, which is what DP-SGD's per-sample clipping assumes. With
+    ``settings.group_reweight``, ``loss_fn`` must return per-image losses (``reduction='none'``):
+    the batch loss is then their mean weighted by :func:`training_weights`, still a mean over
+    the batch, so DP-SGD clips each image's weighted gradient.
 
     With ``dp``, the same loop runs DP-SGD (:mod:`medfed.common.dp.engine`): Poisson
     batches, per-sample clipping and noise; ``steps`` then counts logical (Poisson) steps.
@@ -133,7 +173,9 @@ def train(
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.targets)
     model.to(device).train()
-    loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+    weights = torch.from_numpy(training_weights(data)) if settings.group_reweight else None
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss(reduction="none" if weights is not None else "mean")
     prox = None
     if settings.proximal_mu > 0 and global_params is not None:
         if dp is not None:
@@ -141,7 +183,7 @@ def train(
         named = dict(model.named_parameters())
         prox = [(named[k], global_params[k].to(device)) for k in named if k in global_params]
     steps = settings.num_steps(n)
-    forward, opt, batches, close = _plan(model, images, labels, steps, settings, gen, dp)
+    forward, opt, batches, close = _plan(model, images, labels, weights, steps, settings, gen, dp)
     try:
         total = _run(forward, opt, batches, loss_fn, prox, settings.proximal_mu, device)
     finally:
@@ -154,33 +196,57 @@ def train(
 
 
 def _run(forward, opt, batches, loss_fn, prox, mu: float, device: torch.device) -> float:
-    """The loop body shared by plain and DP-SGD training; returns the summed batch losses."""
+    """The loop body shared by plain and DP-SGD training; returns the summed batch losses.
+
+    A batch is ``(x, y)``, or ``(x, y, w)`` with per-sample weights: the loss is then the
+    batch mean of ``w_i · loss_i`` over the per-sample losses ``loss_fn`` returns.
+    """
     total = 0.0
-    for x, y in batches:
+    for x, y, *weight in batches:
+        if len(y) == 0:  # only DP-SGD's Poisson batches can be empty
+            from medfed.common.dp.engine import noise_only_step
+
+            opt.zero_grad()
+            noise_only_step(opt)
+            continue
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         opt.zero_grad()
         loss = loss_fn(forward(x), y)
+        if weight:
+            if loss.dim() != 1:
+                raise ValueError("per-sample weights need a loss_fn that returns one loss per sample "
+                                 "(reduction='none'), e.g. Task.per_sample_loss()")
+            loss = (loss * weight[0].to(device, non_blocking=True)).mean()
         if prox:
             penalty = sum(torch.sum((w - w0) ** 2) for w, w0 in prox)
             loss = loss + 0.5 * mu * penalty
         loss.backward()
         opt.step()
-        if len(y):  # a Poisson batch may be empty: its mean loss is NaN and means nothing
-            total += float(loss.detach())
+        total += float(loss.detach())
     return total
 
 
-def _plan(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, s: TrainSettings,
-          gen: torch.Generator, dp: DPSettings | None):
-    """(module to call, optimizer, batches, cleanup) for the loop: plain shuffled batches, or DP-SGD's."""
+def _plan(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+          steps: int, s: TrainSettings, gen: torch.Generator, dp: DPSettings | None):
+    """(module to call, optimizer, batches, cleanup) for the loop: plain shuffled batches, or DP-SGD's.
+
+    With per-sample ``weights`` a batch also carries its samples' weights.
+    """
     if dp is None:
-        batches = ((images[idx], labels[idx]) for idx in _batches(len(labels), s.batch_size, steps, gen))
+        index_batches = _batches(len(labels), s.batch_size, steps, gen)
+        if weights is None:
+            batches = ((images[idx], labels[idx]) for idx in index_batches)
+        else:
+            batches = ((images[idx], labels[idx], weights[idx]) for idx in index_batches)
         return model, _optimizer(model, s), batches, lambda: None
     from medfed.common.dp.engine import private_plan
 
-    plan = private_plan(model, images, labels, steps, dp, s.optimizer, s.lr, s.momentum, s.weight_decay, gen)
-    return plan.model, plan.optimizer, plan.batches, plan.close
+    # With weights, DP-SGD's sampler draws sample indices in place of labels, mapped back here.
+    targets = labels if weights is None else torch.arange(len(labels))
+    plan = private_plan(model, images, targets, steps, dp, s.optimizer, s.lr, s.momentum, s.weight_decay, gen)
+    batches = plan.batches if weights is None else ((x, labels[i], weights[i]) for x, i in plan.batches)
+    return plan.model, plan.optimizer, batches, plan.close
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from medfed.common.arrays import arrays_to_state_dict
 from medfed.common.checkpoint import Checkpoint, load_checkpoint
 from medfed.common.config import StudyConfig
-from medfed.common.constants import BUDGET_EXHAUSTED, DP_METRICS, ConfigKey, MetricKey
+from medfed.common.constants import BUDGET_EXHAUSTED, DP_METRICS, GROUP_SCALAR_KEYS, ConfigKey, MetricKey
 from medfed.common.errors import ConfigError
 from medfed.common.models import ModelSpec, model_spec
 from medfed.common.tasks import get_task
@@ -35,6 +35,7 @@ from medfed.server.central import (
     load_central,
 )
 from medfed.server.central_dp import central_privacy, restore_central_privacy
+from medfed.server.fairness import FAIRNESS, central_scores, round_fairness, summary_fairness
 from medfed.server.frozen import FrozenPart, initial_arrays
 from medfed.server.frozen import split as split_frozen
 from medfed.server.recorder import RunRecorder
@@ -108,7 +109,7 @@ def model_spec_for(cfg: StudyConfig, central: CentralData | None) -> ModelSpec:
             "the server has no data to size the model: set in-channels, num-classes and "
             "image-size in the run config, or a data-path that exists on the server"
         )
-    return ModelSpec(cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size)
+    return ModelSpec(cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size, cfg.spatial_dims or 2)
 
 
 def _initial_state(cfg: StudyConfig, spec: ModelSpec, strategy: Strategy, recorder: RunRecorder) -> _State:
@@ -144,7 +145,9 @@ def _check_resume(cfg: StudyConfig, spec: ModelSpec, ckpt: Checkpoint) -> None:
         )
 
 
-def _site_rows(train_ok: list[Message], evals: dict[str, dict]) -> dict[str, dict[str, Any]]:
+def _site_rows(train_ok: list[Message], evals: dict[str, dict],
+               fairness: dict[str, dict] | None = None) -> dict[str, dict[str, Any]]:
+    """Per-site metrics of a round; ``fairness``: each site's per-group record (site -> record)."""
     from medfed.server.replies import site_of
 
     rows: dict[str, dict[str, Any]] = {}
@@ -158,9 +161,11 @@ def _site_rows(train_ok: list[Message], evals: dict[str, dict]) -> dict[str, dic
     for site, metrics in evals.items():
         row = rows.setdefault(site, {})
         for key, value in metrics.items():
-            if isinstance(value, list):
-                continue  # histograms are pooled, not reported per site
+            if isinstance(value, list) or key in GROUP_SCALAR_KEYS:
+                continue  # histograms and per-group counts are pooled, not reported raw
             row["val-examples" if key == MetricKey.NUM_EXAMPLES.value else key] = value
+    for site, record in (fairness or {}).items():
+        rows.setdefault(site, {})[FAIRNESS] = record
     return dict(sorted(rows.items()))
 
 
@@ -237,7 +242,9 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         if evaluate_now and st.selection.consider(rnd, pooled):
             st.best_arrays = st.arrays
         test_metrics = _central_test(spec, st.frozen.full(st.arrays), central, cfg, pooled.threshold)
-        sites = _site_rows(train_ok, per_site_eval)
+        fairness, site_fairness = round_fairness(per_site_eval, base_config.get(ConfigKey.THRESHOLD.value),
+                                                 central.info if central else None)
+        sites = _site_rows(train_ok, per_site_eval, site_fairness)
         st.last_sites = sites
         for site, row in sites.items():  # privacy spent persists for sites that stop training
             st.privacy[site] = {d.value: row[d.value] for d in DP_METRICS if d.value in row} or st.privacy.get(site, {})
@@ -253,6 +260,8 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
             "failures": [f.to_dict() for f in failures + eval_failures],
             "selected": st.selection.best_round == rnd,
         }
+        if fairness is not None:  # per-group metrics at the threshold the sites applied (0.5 when none sent)
+            record[FAIRNESS] = fairness
         recorder.append_round(record)
         recorder.save_round_checkpoint(
             Checkpoint(
@@ -288,10 +297,13 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
     sel = st.selection
     final_cfg: dict[str, Any] = {ConfigKey.RUN_SEED.value: cfg.seed}
     if sel.threshold is not None:
-        final_cfg["threshold"] = sel.threshold
+        final_cfg[ConfigKey.THRESHOLD.value] = sel.threshold
     msgs = st.frozen.attach(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), grid))
     best, last = st.frozen.full(st.best_arrays), st.frozen.full(st.arrays)
     per_site, failures = screen_evaluate_replies(send_and_receive(grid, msgs, cfg.round_timeout))
+    info = central.info if central else None
+    fairness = summary_fairness(per_site, sel.threshold, info, cfg.seed, central_scores(
+        spec, best, central.test if central else None, cfg.device, cfg.task))
     sites = _site_rows([], per_site)
     for site, row in sites.items():
         for key in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value):
@@ -317,6 +329,8 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
         "dataset": {"name": central.info.name if central else cfg.dataset, "num-sites": cfg.num_sites},
         "wall-s": wall_s,
     }
+    if fairness is not None:
+        summary[FAIRNESS] = fairness
     if (central_dp := central_privacy(strategy)) is not None:
         summary["central-dp"] = central_dp
     recorder.save_model(

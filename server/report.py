@@ -5,7 +5,8 @@ Reads what the server writes into ``RUN_DIR``:
 * ``metrics.jsonl``: one JSON object per round (time, bytes, aggregated train metrics, pooled
   validation metrics, central test metrics, per-site metrics, failures);
 * ``summary.json``: mode, strategy, the selected round and threshold, final test metrics,
-  per-site metrics, config, dataset and wall time.
+  per-site metrics, config, dataset and wall time; per-group fairness when the data has groups
+  (its sections are written by :mod:`medfed.server.report_fairness`).
 
 matplotlib is imported inside the plotting function only, so importing this module stays fast.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from medfed.common import metrics as mk
 from medfed.common.constants import MetricKey
+from medfed.server.report_html import write_report_html
 
 logger = logging.getLogger(__name__)
 
@@ -418,10 +420,12 @@ def _plots(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(run_dir: Path | str) -> Path:
-    """Write ``RUN_DIR/report.md`` and its PNG plots; return the report path."""
+    """Write ``RUN_DIR/report.md`` and its PNG plots, then ``report.html`` from it; return the ``.md`` path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist; pass the directory the server wrote.")
+    from medfed.server.report_fairness import fairness_sections
+
     summary = read_summary(run_dir)
     rounds = read_metrics(run_dir)
     lines = [
@@ -429,6 +433,7 @@ def write_report(run_dir: Path | str) -> Path:
         *_selection(summary),
         *_test_table(summary),
         *_site_table(summary, rounds),
+        *fairness_sections(run_dir, summary, rounds),  # per-group metrics and gaps, when groups exist
         *_totals(summary, rounds),
         *_failures(rounds),
         *_privacy(summary, rounds),
@@ -437,4 +442,5 @@ def write_report(run_dir: Path | str) -> Path:
     out = run_dir / REPORT_FILE
     out.write_text("\n".join(lines))
     logger.info("Wrote %s", out)
+    write_report_html(out)  # report.html beside it: the same content, self-contained
     return out

@@ -67,6 +67,25 @@ class FedBN(FedAvg):
         return merged, metrics
 
 
+class QFedAvgTyped(QFedAvg):
+    """Flower's q-FedAvg (Li et al., ICLR 2020), returning arrays in the model's own dtypes.
+
+    Flower 1.41's ``QFedAvg.aggregate_train`` divides by a Python float and so returns
+    float64 arrays for a float32 model, which every site then refuses. The aggregation itself
+    is Flower's; only the dtypes of the result are restored. Sites' ``train-loss`` (the mean
+    loss over the round's local steps) stands in for the loss at the start of the round.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        dtypes = {k: v.numpy().dtype for k, v in self.current_arrays.items()} if self.current_arrays else {}
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=dtypes.get(k))) for k, v in arrays.items()}), metrics
+
+
 _Builder = Callable[[StudyConfig, dict], Strategy]
 
 _REGISTRY: dict[str, _Builder] = {
@@ -81,7 +100,7 @@ _REGISTRY: dict[str, _Builder] = {
     "krum": lambda c, kw: Krum(num_malicious_nodes=c.num_malicious, **kw),
     "multikrum": lambda c, kw: MultiKrum(num_malicious_nodes=c.num_malicious, **kw),
     "bulyan": lambda c, kw: Bulyan(num_malicious_nodes=c.num_malicious, **kw),
-    "qfedavg": lambda c, kw: QFedAvg(
+    "qfedavg": lambda c, kw: QFedAvgTyped(
         client_learning_rate=c.lr, q=c.qfedavg_q, train_loss_key=MetricKey.TRAIN_LOSS.value, **kw
     ),
     "fedbn": lambda c, kw: FedBN(**kw),

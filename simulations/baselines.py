@@ -22,14 +22,16 @@ from flwr.app import ArrayRecord
 from medfed.client.site_data import SiteRuntime, simulation_state_dir
 from medfed.client.task import evaluate_round
 from medfed.common.arrays import arrays_to_state_dict, load_arrays, model_to_arrays
-from medfed.common.checkpoint import Checkpoint
+from medfed.common.checkpoint import Checkpoint, save_checkpoint
 from medfed.common.config import StudyConfig
+from medfed.common.constants import GROUP_SCALAR_KEYS, ConfigKey
 from medfed.common.data.splits import FederatedData, ImageSplit
 from medfed.common.models import build_model, model_spec
 from medfed.common.tasks import get_task
 from medfed.common.training import TrainSettings, derive_seed, resolve_device
 from medfed.server.central import evaluate_arrays
-from medfed.server.recorder import RunRecorder
+from medfed.server.fairness import FAIRNESS, THRESHOLD, central_scores, round_fairness, summary_fairness
+from medfed.server.recorder import MODEL_FILE, RunRecorder
 from medfed.server.selection import Selection, pool_validation
 
 log = logging.getLogger(__name__)
@@ -54,16 +56,19 @@ def _runtimes(cfg: StudyConfig, fed: FederatedData) -> list[SiteRuntime]:
 
 def _eval_sites(cfg: StudyConfig, sites: list[SiteRuntime], arrays: ArrayRecord,
                 threshold: float | None = None) -> dict[str, dict]:
-    config = {} if threshold is None else {"threshold": threshold}
+    config = {} if threshold is None else {ConfigKey.THRESHOLD.value: threshold}
     return {s.site_id: evaluate_round(cfg, s, arrays, config) for s in sites}
 
 
-def _rows(per_site: dict[str, dict], train_sizes: dict[str, int]) -> dict[str, dict]:
+def _rows(per_site: dict[str, dict], train_sizes: dict[str, int],
+          fairness: dict[str, dict] | None = None) -> dict[str, dict]:
     rows = {}
     for site, metrics in per_site.items():
         row = {("val-examples" if k == "num-examples" else k): v for k, v in metrics.items()
-               if not isinstance(v, list)}
+               if not isinstance(v, list) and k not in GROUP_SCALAR_KEYS}
         row["num-examples"] = float(train_sizes.get(site, 0))
+        if fairness and site in fairness:
+            row[FAIRNESS] = fairness[site]
         rows[site] = row
     return rows
 
@@ -81,6 +86,7 @@ def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
 def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
     """Run ``cfg.mode`` = centralized or local; writes the same run directory as federated."""
     from medfed.common.data.federated import load_study_data
+    from medfed.common.data.partition_summary import write_study_partition
 
     t_start = time.perf_counter()
     fed = load_study_data(cfg)
@@ -89,6 +95,7 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     recorder = RunRecorder(cfg.out_dir)
     recorder.reset()
+    write_study_partition(cfg, fed)  # partition.json/.md/.png: what each site holds
 
     def new_model():  # the federated run's starting point, frozen layers included
         from medfed.server.frozen import initial_arrays
@@ -127,14 +134,18 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
             all_eval.update(per_site)
             if fed.central_test is not None:
                 tests.append(evaluate_arrays(spec, arrays, fed.central_test, cfg.device, pooled_val.threshold))
-        recorder.append_round({
+        fairness, site_fairness = round_fairness(all_eval, None, fed.info)
+        record = {
             "round": rnd,
             "time": {"round-s": time.perf_counter() - t_round},
             "train": {"train-loss": sum(losses) / len(losses)},
             "val": pool_validation(all_eval, score=get_task(cfg.task).score).metrics,
             "test": _mean(tests),
-            "sites": _rows(all_eval, train_sizes),
-        })
+            "sites": _rows(all_eval, train_sizes, site_fairness),
+        }
+        if fairness is not None:
+            record[FAIRNESS] = fairness
+        recorder.append_round(record)
         log.info("%s round %d/%d: train loss %.4f | test auc %s", cfg.mode, rnd, cfg.num_server_rounds,
                  sum(losses) / len(losses), _mean(tests).get("auc"))
 
@@ -144,6 +155,13 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
         final_sites.update(_eval_sites(cfg, tr.sites, tr.best, thr))
         if fed.central_test is not None:
             final_tests.append(evaluate_arrays(spec, tr.best, fed.central_test, cfg.device, thr))
+    if len(tracks) == 1:  # one model: its pooled and central per-group metrics at its threshold
+        central = central_scores(spec, tracks[0].best, fed.central_test, cfg.device, cfg.task)
+        fairness = summary_fairness(final_sites, tracks[0].selection.threshold, fed.info, cfg.seed, central)
+    else:  # local: each site's own model at its own threshold; the per-site records are what count
+        fairness = summary_fairness(final_sites, None, fed.info, cfg.seed)
+        if fairness is not None:
+            fairness[THRESHOLD] = {t.name: t.selection.threshold for t in tracks}
     summary = {
         "mode": cfg.mode,
         "task": cfg.task,
@@ -162,10 +180,17 @@ def run_baseline(cfg: StudyConfig) -> dict[str, Any]:
         "dataset": {"name": fed.info.name, "num-sites": cfg.num_sites},
         "wall-s": time.perf_counter() - t_start,
     }
+    if fairness is not None:
+        summary[FAIRNESS] = fairness
     if cfg.mode == "centralized":
         tr = tracks[0]
         recorder.save_model(Checkpoint(model=spec, state_dict=arrays_to_state_dict(tr.best), config=cfg.to_dict(),
                                        round=tr.selection.best_round, selection=tr.selection.to_dict()))
+    else:  # local: each site's own model in sites/<id>/model.pt (e.g. to test it at the other sites)
+        for tr in tracks:
+            save_checkpoint(Checkpoint(model=spec, state_dict=arrays_to_state_dict(tr.best), config=cfg.to_dict(),
+                                       round=tr.selection.best_round, selection=tr.selection.to_dict()),
+                            simulation_state_dir(cfg, tr.name).parent / MODEL_FILE)
     recorder.write_summary(summary)
     recorder.write_report()
     return summary

@@ -46,6 +46,10 @@ def test_pyproject_run_config_parses():
         ({"dataset": "medmnist"}, "needs data-path"),
         ({"local-epochs": 0, "local-steps": 0}, "both 0"),
         ({"num-sites": 2, "min-sites": 3}, "min-sites=3 is larger than num-sites=2"),
+        ({"strategy": "qfedavg", "epsilon": 8}, "qfedavg weights sites by their training loss"),
+        ({"group-contrast": "0.4"}, "group-contrast='0.4' must be two numbers in 0..2"),
+        ({"group-contrast": "0.4,1", "dataset": "medmnist", "data-path": "x.npz"}, "needs dataset synthetic"),
+        ({"spatial-dims": 3}, "spatial-dims 3 (volumes) is for segmentation only"),
     ],
 )
 def test_bad_study_values_name_the_key(mapping, needle):

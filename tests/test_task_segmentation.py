@@ -193,3 +193,29 @@ def test_a_mask_value_outside_the_declared_classes_stops_the_site(tmp_path):
 
     with pytest.raises(DataError, match="mask has value 2 but labels declares 2 classes"):
         build_seg_site_data(load_site_config(_seg_site(tmp_path, bad_value=True)))
+
+
+def test_site_check_reports_a_segmentation_sites_pairs_and_dropped_rows(tmp_path):
+    import hashlib
+
+    config = _seg_site(tmp_path)
+    root = tmp_path / "data"
+    (root / "img" / "p3-1-mask.png").unlink()  # one pair loses its mask
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    res = medfed("site", "check", "--config", str(config))
+    assert res.returncode == 0, res.stderr
+    assert "usable images 15" in res.stdout and "unreadable-mask" in res.stdout
+    report = json.loads((tmp_path / "state" / "qc-report.json").read_text())
+    assert report["ok"] and report["usable"] == 15 and report["rows"] == 16
+    assert sum(report["counts"]["pairs"].values()) == 15 and report["counts"]["pairs"]["test"] == 2
+    assert report["counts"]["label"] == ["background", "lesion"]
+    assert 0 < report["counts"]["pixel-share"]["lesion"] < 0.2
+    assert [p["kind"] for p in report["problems"]["manifest"]] == ["unreadable-mask"]
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    assert after == before  # the data root is only read
+
+
+def test_site_check_fails_on_mask_values_outside_the_declared_classes(tmp_path):
+    res = medfed("site", "check", "--config", str(_seg_site(tmp_path, bad_value=True)))
+    assert res.returncode == 1
+    assert "mask value(s) [2] outside the declared labels" in res.stdout + res.stderr

@@ -133,9 +133,12 @@ class DatasetInfo:
     label_names: tuple[str, ...]
     group_name: str | None = None
     group_values: tuple[str, ...] = ()
+    spatial_dims: int = 2  # 3: volumes (N, C, D, H, W) of side image_size (segmentation only)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        if self.spatial_dims not in (2, 3):
+            problems.append(f"spatial_dims must be 2 (images) or 3 (volumes), got {self.spatial_dims}")
         if not self.name:
             problems.append("name must not be empty")
         if self.num_classes < 2:
@@ -221,12 +224,9 @@ class FederatedData:
 def _check_against_info(split: ImageSplit, info: DatasetInfo) -> list[str]:
     """Problems of ``split`` (an ImageSplit, or a segmentation SegSplit: same fields) against ``info``."""
     problems = []
-    c, h, w = split.image_shape
-    if (c, h, w) != (info.in_channels, info.image_size, info.image_size):
-        problems.append(
-            f"image shape {(c, h, w)} does not match the dataset "
-            f"({info.in_channels}, {info.image_size}, {info.image_size})"
-        )
+    expected = (info.in_channels,) + (info.image_size,) * info.spatial_dims
+    if tuple(split.image_shape) != expected:
+        problems.append(f"image shape {tuple(split.image_shape)} does not match the dataset {expected}")
     if len(split) and int(split.targets.max()) >= info.num_classes:  # class labels, or mask values
         problems.append(f"label {int(split.targets.max())} out of range 0..{info.num_classes - 1}")
     if info.group_name is None and split.groups is not None:

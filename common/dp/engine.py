@@ -49,6 +49,19 @@ class PrivatePlan:
                 del p.summed_grad
 
 
+def noise_only_step(optimizer) -> None:
+    """The step of an empty Poisson batch: no image, so no forward pass, but the noise is added.
+
+    Poisson sampling draws an empty batch now and then (often at small expected batches);
+    DP-SGD must still take that step, as Opacus does: the sum of clipped per-sample gradients
+    is zero and the update is pure noise. Running the model on zero images instead fails in
+    some layers (InstanceNorm), so the empty per-sample gradients are set directly.
+    """
+    for p in optimizer.params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+
+
 def _torch_optimizer(params, optimizer: str, lr: float, momentum: float, weight_decay: float):
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -182,6 +182,7 @@ def _plain_steps(loop: _Loop, disc: Discriminator, data: ImageSplit) -> int:
 
 def _private_steps(loop: _Loop, disc: Discriminator, data: ImageSplit, dp: DPSettings) -> int:
     """DP-SGD discriminator steps on Poisson batches; returns the noisy steps taken (= steps)."""
+    from medfed.common.dp.engine import noise_only_step
     from medfed.common.generation.private import (
         fold_paired_grad_samples,
         private_discriminator,
@@ -193,11 +194,14 @@ def _private_steps(loop: _Loop, disc: Discriminator, data: ImageSplit, dp: DPSet
     try:
         for x, y in private.batches:  # physical chunks of Poisson batches
             private.optimizer.zero_grad(set_to_none=True)
-            rows = loop.d_losses(private.module, x, y)
-            rows.mean().backward()  # Opacus rescales by the 2b rows: each row keeps its own gradient
-            fold_paired_grad_samples(private.module, len(y))
             before = private.counter.steps
-            private.optimizer.step()  # noisy only after a Poisson batch's last chunk
+            if len(y) == 0:  # an empty Poisson batch: a noise-only discriminator step
+                noise_only_step(private.optimizer)
+            else:
+                rows = loop.d_losses(private.module, x, y)
+                rows.mean().backward()  # Opacus rescales by the 2b rows: each row keeps its own gradient
+                fold_paired_grad_samples(private.module, len(y))
+                private.optimizer.step()  # noisy only after a Poisson batch's last chunk
             if private.counter.steps > before:
                 private.optimizer.zero_grad(set_to_none=True)  # no per-sample state into the G step
                 loop.g_step(private.module)

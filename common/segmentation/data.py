@@ -71,15 +71,21 @@ class SegSplit:
     def __post_init__(self) -> None:
         problems: list[str] = []
         x, m, g = self.images, self.masks, self.groups
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4:
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim not in (4, 5):
             problems.append(
-                f"images must be a float32 array of shape (N, C, H, W), got {_describe(x)}; "
-                "convert with images.astype(np.float32) and add a channel axis"
+                f"images must be a float32 array of shape (N, C, H, W) or, for volumes, "
+                f"(N, C, D, H, W), got {_describe(x)}; convert with images.astype(np.float32) "
+                "and add a channel axis"
             )
-        if not isinstance(m, np.ndarray) or m.dtype != np.int64 or m.ndim != 3:
+        if not isinstance(m, np.ndarray) or m.dtype != np.int64 or m.ndim not in (3, 4):
             problems.append(
-                f"masks must be an int64 array of shape (N, H, W), got {_describe(m)}; "
-                "convert with to_label_mask(masks) and drop any channel axis"
+                f"masks must be an int64 array of shape (N, H, W) or, for volumes, (N, D, H, W), "
+                f"got {_describe(m)}; convert with to_label_mask(masks) and drop any channel axis"
+            )
+        elif isinstance(x, np.ndarray) and x.ndim in (4, 5) and m.ndim != x.ndim - 1:
+            problems.append(
+                f"images {x.shape} and masks {m.shape} disagree on the number of spatial axes: "
+                "2D images (N, C, H, W) take masks (N, H, W), volumes (N, C, D, H, W) take (N, D, H, W)"
             )
         if g is not None and (not isinstance(g, np.ndarray) or g.dtype != np.int64 or g.ndim != 1):
             problems.append(f"groups must be None or an int64 array of shape (N,), got {_describe(g)}")
@@ -115,9 +121,14 @@ class SegSplit:
         return self.masks
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one image."""
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+    def image_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of one image, or ``(C, D, H, W)`` of one volume."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return int(self.images.ndim - 2)
 
     def subset(self, idx: np.ndarray) -> SegSplit:
         """The images and masks at ``idx`` (integer indices or a boolean mask), copied."""

@@ -43,6 +43,8 @@ class SegLoss(nn.Module):
                 f"logits {tuple(logits.shape)} and masks {tuple(masks.shape)} do not match: "
                 "expected logits (N, K, H, W) and masks (N, H, W)"
             )
+        if logits.shape[0] == 0:  # an empty Poisson batch (DP-SGD): no image, no loss, only the noise step
+            return logits.sum() * 0.0
         # MONAI: Dice mean over images and classes, CE mean over all pixels: both are the mean
         # of per-image terms (all images have H*W pixels), so the sum is N times the mean.
         loss = self.dice_ce(logits, masks.unsqueeze(1).long())

@@ -1,9 +1,11 @@
-"""Seeded synthetic 2D segmentation sites: bright discs on a dark background, binary masks.
+"""Seeded synthetic segmentation sites: bright discs (or balls) on a dark background, binary masks.
 
 Each image holds 1-5 random discs drawn by MONAI's
 :func:`monai.data.synthetic.create_test_image_2d` (one foreground class: mask 1 = disc,
 0 = background; disc intensities 0.5-1 before the site's acquisition model). Radii scale
-with ``image_size`` (at 64 px: 4-10 px).
+with ``image_size`` (at 64 px: 4-10 px). With ``spatial_dims=3`` each sample is a volume of
+side ``image_size`` holding 1-5 balls from :func:`monai.data.synthetic.create_test_image_3d`
+(images ``(N, 1, D, H, W)``, masks ``(N, D, H, W)``), and blur acts along all three axes.
 
 Sites differ the way scanners do (``shift=True``), from site 0 to the last site evenly:
 gamma 0.7 -> 1.5 (contrast curve), gain 1.0 -> 0.65 and intensity bias 0.0 -> 0.2 (so
@@ -59,9 +61,12 @@ def make_synthetic_segmentation(
     image_size: int = 64,
     sizes: Sequence[int] | None = None,
     shift: bool = True,
+    spatial_dims: int = 2,
 ) -> FederatedSegData:
     """Generate a seeded federated binary-segmentation dataset (see the module doc)."""
     train_sizes = _check_args(num_sites, image_size, sizes)
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"spatial_dims={spatial_dims!r} must be 2 (images) or 3 (volumes)")
     image_size = int(image_size)
     site_seeds = np.random.SeedSequence(seed).spawn(num_sites)
     sites = []
@@ -69,12 +74,12 @@ def make_synthetic_segmentation(
         t = k / (num_sites - 1) if shift and num_sites > 1 else 0.5
         rs = np.random.RandomState(site_seeds[k].generate_state(1)[0])
         n_eval = max(2, train_sizes[k] // 4)
-        parts = [_site_split(n, image_size, _Acquisition.at(t), rs)
+        parts = [_site_split(n, image_size, _Acquisition.at(t), rs, spatial_dims)
                  for n in (train_sizes[k], n_eval, n_eval)]
         sites.append(SegSiteData(f"site-{k}", *parts))
     info = DatasetInfo(
-        name="synthetic-seg", num_classes=2, in_channels=1, image_size=image_size,
-        label_names=("background", "object"),
+        name="synthetic-seg" if spatial_dims == 2 else "synthetic-seg-3d", num_classes=2, in_channels=1,
+        image_size=image_size, label_names=("background", "object"), spatial_dims=spatial_dims,
     )
     return FederatedSegData(
         info=info,
@@ -84,18 +89,22 @@ def make_synthetic_segmentation(
     )
 
 
-def _site_split(n: int, size: int, acq: _Acquisition, rs: np.random.RandomState) -> SegSplit:
-    from monai.data.synthetic import create_test_image_2d
+def _site_split(n: int, size: int, acq: _Acquisition, rs: np.random.RandomState,
+                spatial_dims: int = 2) -> SegSplit:
+    from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 
     rad_max = max(3, size // 6)
     rad_min = max(2, size // 16)
-    images = np.empty((n, size, size), np.float32)
-    masks = np.empty((n, size, size), np.int64)
+    shape = (size,) * spatial_dims
+    images = np.empty((n, *shape), np.float32)
+    masks = np.empty((n, *shape), np.int64)
     for i in range(n):
-        image, mask = create_test_image_2d(
-            size, size, num_objs=int(rs.randint(1, _MAX_OBJECTS + 1)), rad_max=rad_max,
-            rad_min=rad_min, num_seg_classes=1, random_state=rs,
-        )
+        kwargs = dict(num_objs=int(rs.randint(1, _MAX_OBJECTS + 1)), rad_max=rad_max, rad_min=rad_min,
+                      num_seg_classes=1, random_state=rs)
+        if spatial_dims == 3:
+            image, mask = create_test_image_3d(size, size, size, **kwargs)
+        else:
+            image, mask = create_test_image_2d(size, size, **kwargs)
         images[i], masks[i] = image, mask
     images = _acquire(images, acq, size, rs)
     return SegSplit(images[:, None], masks)
@@ -109,18 +118,22 @@ def _acquire(images: np.ndarray, acq: _Acquisition, size: int, rs: np.random.Ran
 
 
 def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of ``(N, H, W)`` images, edges replicated; identity for sigma < 0.1."""
+    """Separable Gaussian blur of ``(N, H, W)`` images or ``(N, D, H, W)`` volumes along every
+    spatial axis, edges replicated; identity for sigma < 0.1."""
     if sigma < 0.1:
         return images
     radius = max(1, int(np.ceil(3 * sigma)))
     offsets = np.arange(-radius, radius + 1)
     kernel = np.exp(-(offsets**2) / (2 * sigma**2)).astype(np.float32)
     kernel /= kernel.sum()
-    h, w = images.shape[1:]
-    padded = np.pad(images, ((0, 0), (radius, radius), (0, 0)), mode="edge")
-    rows = sum(k * padded[:, j : j + h, :] for j, k in enumerate(kernel))
-    padded = np.pad(rows, ((0, 0), (0, 0), (radius, radius)), mode="edge")
-    return sum(k * padded[:, :, j : j + w] for j, k in enumerate(kernel)).astype(np.float32)
+    out = images
+    for axis in range(1, images.ndim):
+        pad = [(0, 0)] * images.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="edge")
+        n = out.shape[axis]
+        out = sum(k * np.take(padded, np.arange(j, j + n), axis=axis) for j, k in enumerate(kernel))
+    return out.astype(np.float32)
 
 
 def _check_args(num_sites: int, image_size: int, sizes: Sequence[int] | None) -> list[int]:
