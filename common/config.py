@@ -67,6 +67,8 @@ class StudyConfig:
     min_site_size: int = 2  # fewest training samples per simulated site (val and test: 2)
     group_proportions: str = ""  # partition demographic: fraction of group code 1 per site, e.g. "0.8,0.2"
     group_contrast: str = ""  # synthetic: lesion contrast per group code, e.g. "0.4,1" (an injected bias)
+    group_attribute: str = ""  # deployment: the group attribute's name (e.g. sex), for reports
+    group_names: str = ""  # deployment: the names of group codes 0, 1, ... (e.g. "female,male")
     shift: str = "none"  # scanner: per-site MONAI intensity/noise/blur/resolution transforms
     shift_strength: float = 1.0  # 0: identical scanners, 1: default, 2: strong
     seed: int = 0
@@ -330,6 +332,12 @@ def _check_partition(cfg: StudyConfig) -> None:
     if fractions and len(fractions) != cfg.num_sites:
         raise ConfigError(f"group-proportions gives {len(fractions)} fraction(s) for num-sites={cfg.num_sites}: "
                           "give one fraction of group 1 per site, or leave it empty for a default spread")
+    names = [n.strip() for n in cfg.group_names.split(",")] if cfg.group_names else []
+    if bool(cfg.group_attribute) != bool(names) or any(not n for n in names) or len(names) > 8 \
+            or len(set(names)) != len(names):
+        raise ConfigError(f"group-attribute={cfg.group_attribute!r} and group-names={cfg.group_names!r}: give both "
+                          "or neither, as the attribute's name and 1-8 distinct names of codes 0, 1, ... "
+                          "(e.g. sex and female,male)")
     contrasts = cfg.group_contrasts
     if contrasts and (len(contrasts) != 2 or not all(0.0 <= c <= 2.0 for c in contrasts)):
         raise ConfigError(f"group-contrast={cfg.group_contrast!r} must be two numbers in 0..2, the lesion contrast "

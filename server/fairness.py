@@ -43,21 +43,35 @@ SITES_SOURCE = "pooled per-group counts and score histograms sent by the sites (
 CENTRAL_SOURCE = "per sample, on the server's own test split (simulation only)"
 
 
-def group_names(info: DatasetInfo | None) -> tuple[str, tuple[str, ...]]:
-    """(attribute name, group names by code) of a dataset; generic when unknown (deployment)."""
+GroupNames = tuple[str, tuple[str, ...]]
+
+
+def group_names(info: DatasetInfo | None, override: GroupNames | None = None) -> GroupNames:
+    """(attribute name, group names by code): the run config's names (``group-attribute`` and
+    ``group-names``, for a deployed server that holds no data), else the dataset's; generic
+    (``group``, codes) when neither says."""
+    if override is not None and override[1]:
+        return override
     if info is None or info.group_name is None:
         return "group", ()
     return info.group_name, tuple(info.group_values)
+
+
+def config_group_names(attribute: str, names: str) -> GroupNames | None:
+    """The run config's group naming, or None when it names none."""
+    values = tuple(n.strip() for n in names.split(",") if n.strip())
+    return (attribute, values) if attribute and values else None
 
 
 def _threshold(threshold: float | None) -> float:
     return DEFAULT_THRESHOLD if threshold is None else float(threshold)
 
 
-def round_fairness(per_site: dict[str, dict], threshold: float | None, info: DatasetInfo | None
+def round_fairness(per_site: dict[str, dict], threshold: float | None, info: DatasetInfo | None,
+                   override: GroupNames | None = None,
                    ) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """(pooled record of each split, or None without group aggregates; each site's test record)."""
-    attribute, names = group_names(info)
+    attribute, names = group_names(info, override)
     record: dict[str, Any] = {ATTRIBUTE: attribute, THRESHOLD: _threshold(threshold)}
     sites: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
@@ -72,12 +86,13 @@ def round_fairness(per_site: dict[str, dict], threshold: float | None, info: Dat
 
 def summary_fairness(per_site: dict[str, dict], threshold: float | None, info: DatasetInfo | None, seed: int,
                      central: tuple[ImageSplit, Any] | None = None,
-                     replicates: int = fx.DEFAULT_REPLICATES) -> dict[str, Any] | None:
+                     replicates: int = fx.DEFAULT_REPLICATES, override: GroupNames | None = None,
+                     ) -> dict[str, Any] | None:
     """The summary's fairness section for the reported model (see module doc).
 
     ``central``: (the server's test split, the model's class-1 scores on it), or None.
     """
-    attribute, names = group_names(info)
+    attribute, names = group_names(info, override)
     agg = fx.aggregate_fairness(per_site, REPORTED_SPLIT, names)
     central_record = None
     if central is not None and central[0].groups is not None and len(central[0]):

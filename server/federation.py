@@ -35,7 +35,13 @@ from medfed.server.central import (
     load_central,
 )
 from medfed.server.central_dp import central_privacy, restore_central_privacy
-from medfed.server.fairness import FAIRNESS, central_scores, round_fairness, summary_fairness
+from medfed.server.fairness import (
+    FAIRNESS,
+    central_scores,
+    config_group_names,
+    round_fairness,
+    summary_fairness,
+)
 from medfed.server.frozen import FrozenPart, initial_arrays
 from medfed.server.frozen import split as split_frozen
 from medfed.server.recorder import RunRecorder
@@ -243,7 +249,8 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
             st.best_arrays = st.arrays
         test_metrics = _central_test(spec, st.frozen.full(st.arrays), central, cfg, pooled.threshold)
         fairness, site_fairness = round_fairness(per_site_eval, base_config.get(ConfigKey.THRESHOLD.value),
-                                                 central.info if central else None)
+                                                 central.info if central else None,
+                                                 config_group_names(cfg.group_attribute, cfg.group_names))
         sites = _site_rows(train_ok, per_site_eval, site_fairness)
         st.last_sites = sites
         for site, row in sites.items():  # privacy spent persists for sites that stop training
@@ -303,7 +310,8 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
     per_site, failures = screen_evaluate_replies(send_and_receive(grid, msgs, cfg.round_timeout))
     info = central.info if central else None
     fairness = summary_fairness(per_site, sel.threshold, info, cfg.seed, central_scores(
-        spec, best, central.test if central else None, cfg.device, cfg.task))
+        spec, best, central.test if central else None, cfg.device, cfg.task),
+        override=config_group_names(cfg.group_attribute, cfg.group_names))
     sites = _site_rows([], per_site)
     for site, row in sites.items():
         for key in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value):

@@ -338,3 +338,23 @@ def test_report_without_groups_has_no_fairness_section(tmp_path):
     rec.write_summary({"mode": "federated", "rounds": 1, "selected-round": 1, "test": {}, "sites": {}})
     text = write_report(rec.run_dir).read_text()
     assert "Fairness" not in text and not (rec.run_dir / "fairness_gaps.png").exists()
+
+
+def test_a_deployed_server_names_the_groups_from_the_run_config():
+    from medfed.common.config import parse_study_config
+    from medfed.common.errors import ConfigError
+    from medfed.server.fairness import config_group_names, round_fairness, summary_fairness
+
+    s, y, g = _data(300, seed=5, gap=0.4)
+    evals = {"site-0": {"num-examples": 30.0, **fx.group_counts(s, y, g)}}
+    cfg = parse_study_config({"group-attribute": "sex", "group-names": "female, male"})
+    names = config_group_names(cfg.group_attribute, cfg.group_names)
+    assert names == ("sex", ("female", "male"))
+    record, _ = round_fairness(evals, None, None, names)
+    assert record["attribute"] == "sex" and set(record["test"]["groups"]) == {"female", "male"}
+    fair = summary_fairness(evals, 0.5, None, seed=0, replicates=50, override=names)
+    assert fair["disadvantaged-group"] in ("female", "male") and fair["attribute"] == "sex"
+    assert config_group_names("", "") is None
+    for bad in ({"group-names": "female,male"}, {"group-attribute": "sex", "group-names": "a,a"}):
+        with pytest.raises(ConfigError, match="group-attribute"):
+            parse_study_config(bad)
