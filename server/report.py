@@ -226,6 +226,20 @@ def has_metric(rounds: Sequence[Mapping[str, Any]], metric: str) -> bool:
     return any(_site_series(rounds, site, metric)[1] for site in _site_ids(rounds))
 
 
+def finish_round_plot(fig: Any, ax: Any, out_png: Path, ylabel: str, title: str) -> None:
+    """The report's style for a plot over rounds: integer round axis, grid, legend, 110 dpi PNG."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=_PLOT_DPI)
+
+
 def plot_site_metrics(rounds: list[dict[str, Any]], metric: str, out_png: Path, title: str | None = None) -> Path:
     """Plot ``metric`` (a per-site key such as ``val-auc``) by round: one line per site, plus the
     pooled/global value dashed; write it to ``out_png`` (110 dpi) and return the path."""
@@ -238,7 +252,6 @@ def plot_site_metrics(rounds: list[dict[str, Any]], metric: str, out_png: Path, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -251,14 +264,7 @@ def plot_site_metrics(rounds: list[dict[str, Any]], metric: str, out_png: Path, 
         xs, ys, label = _global_series(rounds, metric)
         if ys:
             ax.plot(xs, ys, linestyle="--", marker="s", color="black", linewidth=2.0, label=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.set_ylabel(metric)
-        ax.set_title(title or f"{metric} by round")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out_png, dpi=_PLOT_DPI)
+        finish_round_plot(fig, ax, out_png, metric, title or f"{metric} by round")
     finally:
         plt.close(fig)
     logger.debug("Wrote %s", out_png)

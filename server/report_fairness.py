@@ -24,7 +24,15 @@ from medfed.server.fairness import (
     SOURCE,
     THRESHOLD,
 )
-from medfed.server.report import _PLOT_DPI, _PLOT_SIZE_IN, _fmt, _fmt_count, _md_table, _natural_key, _number
+from medfed.server.report import (
+    _PLOT_SIZE_IN,
+    _fmt,
+    _fmt_count,
+    _md_table,
+    _natural_key,
+    _number,
+    finish_round_plot,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -194,21 +202,13 @@ def plot_lines(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], out_
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=_PLOT_SIZE_IN)
     try:
         for i, (label, (xs, ys)) in enumerate(series.items()):  # lines that coincide stay visible
             ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], linestyle="-" if i % 2 == 0 else "--",
                     linewidth=1.5, label=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out_png, dpi=_PLOT_DPI)
+        finish_round_plot(fig, ax, out_png, ylabel, title)
     finally:
         plt.close(fig)
     return out_png
