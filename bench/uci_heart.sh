@@ -5,6 +5,7 @@
 # Finished runs are not rerun: delete OUT_DIR after changing a hyperparameter.
 # Shared hyperparameters (chosen on pooled validation AUC, never on test): Adam, lr 0.01, batch 4,
 # 25 local steps per round, 20 rounds. Strategy-specific: FedProx mu, FedYogi server lr (below).
+# Features: z-scores from pooled (federated) training statistics, medfed's default feature-scaling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

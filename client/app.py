@@ -21,6 +21,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from medfed.client.incoming import check_incoming
 from medfed.common.config import StudyConfig, parse_study_config
 from medfed.common.constants import RecordKey, SiteKey
 from medfed.common.errors import ConfigError
@@ -61,12 +62,14 @@ def _error_reply(msg: Message, context: Context, exc: Exception, site_id: str | 
     return Message(Error(code=ERROR_CODE_SITE, reason=public_reason(who, exc)), reply_to=msg)
 
 
-def _reply(msg: Message, content: RecordDict, site_id: str) -> Message:
-    """The reply, after the privacy boundary has checked every record in it."""
+def _reply(msg: Message, content: RecordDict, site_id: str, trail=None) -> Message:
+    """The reply, after the privacy boundary has checked every record in it; ``trail`` logs it."""
     from medfed.client.boundary import check_reply
 
     sent = msg.content[RecordKey.ARRAYS.value].keys() if RecordKey.ARRAYS.value in msg.content else ()
     check_reply(content, sent, site_id)
+    if trail is not None:
+        trail.sent(content)
     return Message(content=content, reply_to=msg)
 
 
@@ -74,12 +77,15 @@ def _reply(msg: Message, content: RecordDict, site_id: str) -> Message:
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training data."""
     from medfed.client.site_data import resolve_site
+    from medfed.client.audit import SiteAudit
     from medfed.client.task import train_round
 
-    site = None
+    site = trail = None
     try:
         cfg = _context_study(context)
+        check_incoming(msg, context.node_config)  # model size bound, message config ranges
         site = resolve_site(context.node_config, cfg)
+        trail = SiteAudit.received(site, cfg, msg, "train")  # <state-dir>/audit.jsonl
         arrays = msg.content[RecordKey.ARRAYS.value]
         config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
         reply = train_round(cfg, site, arrays, config)
@@ -90,8 +96,10 @@ def handle_train(msg: Message, context: Context) -> Message:
                 RecordKey.SITE.value: _site_record(site.site_id),
             }
         )
-        return _reply(msg, content, site.site_id)
+        return _reply(msg, content, site.site_id, trail)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+        if trail is not None:
+            trail.refused(exc)
         return _error_reply(msg, context, exc, site.site_id if site else None)
 
 
@@ -99,12 +107,15 @@ def handle_train(msg: Message, context: Context) -> Message:
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation and test data."""
     from medfed.client.site_data import resolve_site
+    from medfed.client.audit import SiteAudit
     from medfed.client.task import evaluate_round
 
-    site = None
+    site = trail = None
     try:
         cfg = _context_study(context)
+        check_incoming(msg, context.node_config)  # model size bound, message config ranges
         site = resolve_site(context.node_config, cfg)
+        trail = SiteAudit.received(site, cfg, msg, "evaluate")
         arrays: ArrayRecord = msg.content[RecordKey.ARRAYS.value]
         config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
         metrics = evaluate_round(cfg, site, arrays, config)
@@ -114,6 +125,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
                 RecordKey.SITE.value: _site_record(site.site_id),
             }
         )
-        return _reply(msg, content, site.site_id)
+        return _reply(msg, content, site.site_id, trail)
     except Exception as exc:  # noqa: BLE001
+        if trail is not None:
+            trail.refused(exc)
         return _error_reply(msg, context, exc, site.site_id if site else None)

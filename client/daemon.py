@@ -10,6 +10,12 @@ Each SuperNode also serves its own ClientApp runtime API on ``127.0.0.1:PORT``
 (``flower-supernode --port``, default 9094), so two sites on one host need different
 ports: ``clientappio-port`` in site.yaml, 0 (the default) picks a free port at start.
 The SuperNode runs with ``cwd=STATE_DIR`` and ``FLWR_HOME=STATE_DIR/flwr-home``.
+
+Trusted code: the SuperNode runs with ``--isolation process`` as the child of medfed's
+launcher (:mod:`medfed.client.app_runner`; one process group, one exit code), which runs the
+*installed* medfed ClientApp for every task and refuses FABs that site.yaml does not
+accept (:mod:`medfed.client.trusted_app`). ``run-app-code: true`` in site.yaml gives
+Flower's default instead (the ClientApp code the server ships runs): development only.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class SiteDaemonConfig:
     root_cert: Path | None = None
     auth_key: Path | None = None
     clientappio_port: int = 0  # 0: pick a free port at start
+    run_app_code: bool = False  # Flower's default isolation: runs the FAB's code (development only)
 
 
 def load_site_yaml(path: str | Path) -> SiteDaemonConfig:
@@ -84,6 +91,7 @@ def load_site_yaml(path: str | Path) -> SiteDaemonConfig:
         root_cert=Path(site.root_cert) if site.root_cert else None,
         auth_key=Path(site.auth_key) if site.auth_key else None,
         clientappio_port=site.clientappio_port,
+        run_app_code=site.run_app_code,
     )
 
 
@@ -143,6 +151,8 @@ def supernode_command(
         _check_private_key(key, site_cfg.site_id)
         cmd += ["--auth-supernode-private-key", str(key)]
     cmd += ["--host", RUNTIME_HOST, "--port", str(runtime_port), "--node-config", node_config_string(site_cfg)]
+    if not site_cfg.run_app_code:
+        cmd += ["--isolation", "process"]  # medfed's launcher runs the ClientApps (start_supernode)
     return cmd
 
 
@@ -174,6 +184,13 @@ def start_supernode(
     state = site_cfg.state_dir
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     full_env = {"FLWR_HOME": str(state / FLWR_HOME_DIR), **(env or {})}
+    if site_cfg.run_app_code:
+        log.warning("site %s: run-app-code is true: the ClientApp code the server sends will run here",
+                    site_cfg.site_id)
+    else:  # medfed's launcher starts the SuperNode as its child and runs the installed ClientApp
+        from medfed.client.app_runner import launcher_command
+
+        cmd = launcher_command(f"{RUNTIME_HOST}:{port}", site_cfg.site_config, cmd)
     proc = start_process_group(cmd, cwd=state, env=full_env, log_path=log_path)
     wait_for_port(RUNTIME_HOST, port, proc, ready_timeout, f"SuperNode for {site_cfg.site_id}", log_path)
     return proc
@@ -203,6 +220,11 @@ def add_site_arguments(subparsers: Any) -> None:
     start = subparsers.add_parser("start", help="run this site's SuperNode (TLS unless --insecure)")
     add_site_start_arguments(start)
     start.set_defaults(func=cmd_site_start)
+    app_hash = subparsers.add_parser(
+        "app-hash", help="print the sha256 of the app `medfed run` submits (for trusted-apps in site.yaml)")
+    app_hash.add_argument("--app", type=Path, default=None,
+                          help="a Flower app folder, as given to `medfed run --app` (default: the installed medfed app)")
+    app_hash.set_defaults(func=cmd_site_app_hash)
 
 
 def add_site_start_arguments(parser: argparse.ArgumentParser) -> None:
@@ -229,3 +251,12 @@ def cmd_site_start(args: argparse.Namespace) -> int:
     log.info("site %s: SuperNode started (%s) towards %s; state in %s",
              cfg.site_id, mode, args.server or cfg.server, cfg.state_dir)
     return run_in_foreground(proc)
+
+
+def cmd_site_app_hash(args: argparse.Namespace) -> int:
+    """Print the sha256 of the FAB ``medfed run`` would submit, built from this installation."""
+    from medfed.client.trusted_app import app_hash
+    from medfed.common.logs import emit
+
+    emit(app_hash(args.app))
+    return 0

@@ -132,6 +132,11 @@ def _add_simulate(sub: Any) -> None:
                    "(default min(2, cores))")
     p.add_argument("--site-gpus", type=float, help="GPU share per site actor, e.g. 0.25: four per GPU "
                    "(default 1/min(sites, 4) when CUDA is present, else 0)")
+    p.add_argument("--attack", help="simulation only, never sent to sites: none (default), sign-flip (send "
+                   "global - scale*(local - global)) or label-flip (train on flipped labels)")
+    p.add_argument("--malicious-sites", type=int, help="with --attack: how many sites attack, the first ones "
+                   "(site-0, ...) (default 1)")
+    p.add_argument("--attack-scale", type=float, help="sign-flip: the scale (default 10)")
     p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
     p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
     p.set_defaults(func=cmd_simulate)
@@ -218,7 +223,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from medfed.common.data.federated import load_study_data
     from medfed.server.report import format_site_table
 
+    from medfed.simulations.attacks import parse_attack
+
     cfg = study_from_args(args)
+    attack = parse_attack({k: v for k, v in (("attack", args.attack), ("malicious-sites", args.malicious_sites),
+                                             ("attack-scale", args.attack_scale)) if v is not None})
+    if attack.active and cfg.mode != "federated":
+        raise ConfigError(f"--attack simulates poisoned sites of a federated study, not mode={cfg.mode}")
     # Load the data once up front: a missing or corrupt file fails here, before any
     # run directory, checkpoint or Ray process exists.
     fed = load_study_data(cfg)
@@ -232,7 +243,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from medfed.server.report import read_summary
         from medfed.simulations.engine import run_on_simulation_engine
 
-        run_on_simulation_engine(cfg)
+        run_on_simulation_engine(cfg, attack)
         summary_path = Path(cfg.out_dir) / "summary.json"
         if not summary_path.is_file():
             raise MedfedError(f"the simulation ended without writing {summary_path}: see the log above")
@@ -308,6 +319,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     emit(str(path))
     emit(str(path.with_name(HTML_FILE)))
     return EXIT_OK
+
+
+def _add_audit(sub: Any) -> None:
+    p = sub.add_parser("audit", help="audit trails: check a hash-chained audit.jsonl")
+    asub = p.add_subparsers(dest="audit_cmd", required=True, parser_class=_Parser)
+    v = asub.add_parser("verify", help="check an audit.jsonl chain: exit 0 when intact, 1 at the first problem",
+                        description="Recompute every entry's hash and the seq/prev chain of a server or "
+                        "site audit.jsonl. Cut-off tail entries are only detected against a head hash kept "
+                        "elsewhere: --expect-head, or 'audit-head' of a summary.json beside FILE.")
+    v.add_argument("file", help="RUN_DIR/audit.jsonl (server) or <state-dir>/audit.jsonl (site)")
+    v.add_argument("--expect-head", help="a head hash recorded earlier: the log must still contain that entry")
+    v.set_defaults(func=cmd_audit_verify)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    import json
+    import re
+
+    from medfed.common.audit_log import verify
+
+    anchor = args.expect_head
+    if anchor is not None and not re.fullmatch(r"[0-9a-f]{64}", anchor):
+        raise ConfigError(f"--expect-head {anchor!r} is not a sha256 hex digest: give the 64 hex characters")
+    summary = Path(args.file).with_name("summary.json")
+    if anchor is None and summary.is_file():
+        anchor = json.loads(summary.read_text(encoding="utf-8")).get("audit-head")
+        if anchor:
+            emit(f"checking against audit-head {anchor} of {summary}")
+    result = verify(args.file, anchor=anchor or None)
+    emit(result.describe())
+    return EXIT_OK if result.ok else EXIT_FAIL
 
 
 def _add_data(sub: Any) -> None:
@@ -410,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_study(sub)
     _add_report(sub)
+    _add_audit(sub)
     _add_data(sub)
     _add_deployment(sub)
     return parser

@@ -37,6 +37,7 @@ STRATEGIES = (
 )
 MODELS = CLASSIFIERS + SEGMENTERS + GENERATORS
 DATASETS = ("synthetic", "medmnist", "sites", "npz", "uci-heart")
+FEATURE_SCALINGS = ("federated", "site")  # tabular z-scores: pooled training statistics, or each site's own
 TABULAR_DATASETS = ("uci-heart",)  # feature vectors: tabular models only (medfed.common.tabular)
 UCI_HEART_SITES = 4  # its real hospitals: Cleveland, Hungary, Switzerland, VA Long Beach
 SEGMENTATION_DATASETS = ("synthetic", "npz")
@@ -66,6 +67,7 @@ class StudyConfig:
     quantity_exponent: float = 1.0  # partition quantity: site k holds (k+1)**-exponent of the data
     min_site_size: int = 2  # fewest training samples per simulated site (val and test: 2)
     group_proportions: str = ""  # partition demographic: fraction of group code 1 per site, e.g. "0.8,0.2"
+    feature_scaling: str = "federated"  # uci-heart: z-scores from all sites' pooled statistics, or "site"
     group_contrast: str = ""  # synthetic: lesion contrast per group code, e.g. "0.4,1" (an injected bias)
     group_attribute: str = ""  # deployment: the group attribute's name (e.g. sex), for reports
     group_names: str = ""  # deployment: the names of group codes 0, 1, ... (e.g. "female,male")
@@ -93,12 +95,19 @@ class StudyConfig:
     fraction_train: float = 1.0
     min_sites: int = 2
     round_timeout: float = 600.0
+    max_reply_mb: float = 512.0  # larger site replies are refused (server/limits.py)
+    node_wait_timeout: float = 300.0  # before each round: wait at most this long for min-sites sites
+    max_failed_rounds: int = 3  # stop after this many rounds in a row with fewer than min-sites trained
     evaluate_every: int = 1  # federated evaluation every N rounds (and at the last one)
     proximal_mu: float = 0.01
     server_lr: float = 0.1
     server_momentum: float = 0.9
+    server_tau: float = 1e-3  # FedAdam/FedYogi/FedAdagrad: adaptivity (Reddi et al. 2021's tau)
     trimmed_beta: float = 0.2
     num_malicious: int = 0
+    # reject a site's update whose L2 distance to the global model exceeds this multiple of the round's
+    # median (server.replies; 0: off; needs >= 3 valid replies)
+    max_update_norm_ratio: float = 10.0
     qfedavg_q: float = 0.1
     # record-level DP-SGD at every site (epsilon 0: off). A deployed site's own budget wins if lower.
     epsilon: float = 0.0
@@ -184,12 +193,20 @@ class StudyConfig:
         check_range("fraction-train", self.fraction_train, 0.0, 1.0)
         check_range("min-sites", self.min_sites, 1, 1000)
         check_range("round-timeout", self.round_timeout, 1.0, 7 * 86400.0)
+        check_range("max-reply-mb", self.max_reply_mb, 1.0, 65536.0)
+        check_range("node-wait-timeout", self.node_wait_timeout, 0.0, 7 * 86400.0)
+        check_range("max-failed-rounds", self.max_failed_rounds, 1, 100000)
         check_range("evaluate-every", self.evaluate_every, 1, 100000)
         check_range("proximal-mu", self.proximal_mu, 0.0, 100.0)
         check_range("server-lr", self.server_lr, 1e-8, 100.0)
         check_range("server-momentum", self.server_momentum, 0.0, 1.0)
+        check_range("server-tau", self.server_tau, 1e-12, 1.0)
         check_range("trimmed-beta", self.trimmed_beta, 0.0, 0.49)
         check_range("num-malicious", self.num_malicious, 0, 1000)
+        check_range("max-update-norm-ratio", self.max_update_norm_ratio, 0.0, 1e6)
+        if 0.0 < self.max_update_norm_ratio < 1.0:
+            raise ConfigError(f"max-update-norm-ratio={self.max_update_norm_ratio} would exclude sites at or below "
+                              "the median update norm: use 0 (off) or a ratio >= 1 (default 10)")
         check_range("qfedavg-q", self.qfedavg_q, 0.0, 100.0)
         check_range("epsilon", self.epsilon, 0.0, 1000.0)
         check_range("delta", self.delta, 1e-12, 0.1)
@@ -338,6 +355,7 @@ def _check_partition(cfg: StudyConfig) -> None:
         raise ConfigError(f"group-attribute={cfg.group_attribute!r} and group-names={cfg.group_names!r}: give both "
                           "or neither, as the attribute's name and 1-8 distinct names of codes 0, 1, ... "
                           "(e.g. sex and female,male)")
+    check_choice("feature-scaling", cfg.feature_scaling, FEATURE_SCALINGS)
     contrasts = cfg.group_contrasts
     if contrasts and (len(contrasts) != 2 or not all(0.0 <= c <= 2.0 for c in contrasts)):
         raise ConfigError(f"group-contrast={cfg.group_contrast!r} must be two numbers in 0..2, the lesion contrast "

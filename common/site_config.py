@@ -79,6 +79,10 @@ class SiteConfig:
     root_cert: str = ""
     auth_key: str = ""
     clientappio_port: int = 0
+    # what the site runs and accepts (client/trusted_app.py, client/incoming.py)
+    trusted_apps: tuple[str, ...] = ()  # sha256 of FABs the site runs; empty: config-only medfed apps
+    run_app_code: bool = False  # True: Flower runs the ClientApp code the server ships (development only)
+    max_message_mb: float = 512.0  # largest model (sum of its arrays) the site accepts
 
     def __post_init__(self) -> None:
         if not self.site_id or not all(c.isalnum() or c in "-_." for c in self.site_id):
@@ -93,6 +97,8 @@ class SiteConfig:
         check_range("shard-count", self.shard_count, 1, 10000)
         check_range("shard-index", self.shard_index, 0, self.shard_count - 1)
         check_range("clientappio-port", self.clientappio_port, 0, 65535)
+        check_range("max-message-mb", self.max_message_mb, 1.0, 65536.0)
+        self._check_trusted_apps()
         check_range("image-size", self.image_size, 8, 4096)
         check_choice("channels", str(self.channels), ("1", "3"))
         check_range("frame", self.frame, -1, 100000)
@@ -134,6 +140,14 @@ class SiteConfig:
                 f"labels={list(self.labels)}: a {self.dataset} site must declare its label "
                 "set, at least two distinct names, in the order the study uses "
                 "(e.g. labels: [normal, pneumonia]); every site of a study declares the same list"
+            )
+
+    def _check_trusted_apps(self) -> None:
+        bad = [h for h in self.trusted_apps if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+        if bad:
+            raise ConfigError(
+                f"trusted-apps: {bad[0]!r} is not a sha256 hash (64 lowercase hex digits); "
+                "print the installed app's hash with `medfed site app-hash`"
             )
 
     def _check_window(self) -> None:

@@ -28,6 +28,7 @@ from medfed.common.errors import ConfigError
 from medfed.common.models import ModelSpec, model_spec
 from medfed.common.tasks import get_task
 from medfed.common.training import derive_seed
+from medfed.server.availability import Availability
 from medfed.server.central import (
     CentralData,
     evaluate_arrays,
@@ -44,12 +45,16 @@ from medfed.server.fairness import (
 )
 from medfed.server.frozen import FrozenPart, initial_arrays
 from medfed.server.frozen import split as split_frozen
+from medfed.server.audit import AUDIT_HEAD, ServerAudit
+from medfed.server.limits import bound_replies
 from medfed.server.recorder import RunRecorder
 from medfed.server.replies import screen_evaluate_replies, screen_train_replies
+from medfed.server.resume import resolve_resume
 from medfed.server.selection import Selection, pool_validation
 from medfed.server.strategies import (
     FedBN,
     build_strategy,
+    keep_dtypes,
     restore_strategy_state,
     strategy_state,
 )
@@ -70,6 +75,7 @@ class _State:
     last_sites: dict[str, dict[str, Any]]
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest DP metrics
     frozen: FrozenPart = field(default_factory=FrozenPart)  # transfer learning: layers not trained
+    avail: Availability | None = None  # sites that drop and return: bounded waits, k-of-n rounds
 
 
 POLL_INTERVAL_S = 0.2
@@ -198,6 +204,7 @@ def _fmt(value: Any) -> str:
 def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
     """Run the whole study on ``grid``; returns the summary written to summary.json."""
     t_start = time.perf_counter()
+    cfg = resolve_resume(cfg)  # resume=latest: the newest checkpoint of out-dir
     recorder = RunRecorder(cfg.out_dir)
     central = load_central(cfg)
     spec = model_spec_for(cfg, central)
@@ -206,6 +213,8 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
     fedbn = isinstance(strategy, FedBN)
     task = get_task(cfg.task)
     st = _initial_state(cfg, spec, strategy, recorder)
+    st.avail = Availability(min(cfg.min_sites, num_sites), cfg.node_wait_timeout, cfg.max_failed_rounds)
+    trail = ServerAudit.start(cfg, st.arrays, st.start_round)  # RUN_DIR/audit.jsonl
     base_config = {ConfigKey.RUN_SEED.value: cfg.seed}
     if cfg.central_dp != "off":
         base_config[ConfigKey.CENTRAL_DP.value] = True
@@ -214,34 +223,40 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
     for rnd in range(st.start_round, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
         random.seed(derive_seed(cfg.seed, "sampling", rnd))  # Flower samples with `random`
+        if (view := st.avail.view(grid, rnd, "train")) is None:  # bounded: Flower's own wait is not
+            break
         try:
-            train_msgs = st.frozen.attach(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
+            train_msgs = st.frozen.attach(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), view))
         except PrivacyBudgetExhausted as exc:
             log.warning("round %d: central DP budget reached (%s): the study stops after round %d", rnd, exc, rnd - 1)
             break
         t0 = time.perf_counter()
-        train_replies = send_and_receive(grid, train_msgs, cfg.round_timeout)
+        train_replies = bound_replies(send_and_receive(grid, train_msgs, cfg.round_timeout), cfg.max_reply_mb)
         train_s = time.perf_counter() - t0
-        train_ok, failures = screen_train_replies(train_replies, st.arrays, allow_subset=fedbn)
+        train_ok, failures = screen_train_replies(train_replies, st.arrays, allow_subset=fedbn,
+                                                  max_norm_ratio=cfg.max_update_norm_ratio)
+        trail.train_round(rnd, train_msgs, train_replies, train_ok, failures)
         if not train_ok and failures and all(BUDGET_EXHAUSTED in f.reason for f in failures):
             log.warning("round %d: every site has exhausted its privacy budget: the study stops after "
                         "round %d", rnd, rnd - 1)
             break
         agg_metrics = None
-        if train_ok:
+        quorum = st.avail.quorum(rnd, len(train_ok))  # fewer than min-sites: the model stays unchanged
+        if train_ok and quorum:
             new_arrays, agg_metrics = strategy.aggregate_train(rnd, train_ok)
             if new_arrays is not None:
-                st.arrays = new_arrays
-        else:
+                st.arrays = keep_dtypes(new_arrays, st.arrays)
+        elif not train_ok:
             log.warning("round %d: no site trained successfully; the global model is unchanged", rnd)
 
         evaluate_now = rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds
+        eval_view = st.avail.view(grid, rnd, "evaluate") if evaluate_now else None
         eval_msgs = (
-            st.frozen.attach(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), grid))
-            if evaluate_now else []
+            st.frozen.attach(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), eval_view))
+            if eval_view is not None else []
         )
         t0 = time.perf_counter()
-        eval_replies = send_and_receive(grid, eval_msgs, cfg.round_timeout)
+        eval_replies = bound_replies(send_and_receive(grid, eval_msgs, cfg.round_timeout), cfg.max_reply_mb)
         eval_s = time.perf_counter() - t0
         per_site_eval, eval_failures = screen_evaluate_replies(eval_replies)
         pooled = pool_validation(per_site_eval, score=task.score)
@@ -266,9 +281,11 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
             "sites": sites,
             "failures": [f.to_dict() for f in failures + eval_failures],
             "selected": st.selection.best_round == rnd,
+            "quorum": quorum,
         }
         if fairness is not None:  # per-group metrics at the threshold the sites applied (0.5 when none sent)
             record[FAIRNESS] = fairness
+        trail.round_end(rnd, st.arrays, train_ok, eval_failures)
         recorder.append_round(record)
         recorder.save_round_checkpoint(
             Checkpoint(
@@ -288,8 +305,10 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
             task.monitor, _fmt(test_metrics.get(task.monitor)), len(train_ok), len(train_msgs),
             record["time"]["round-s"],
         )
+        if st.avail.stop is not None:
+            break  # logged: what, why and how to fix
 
-    return _finish(grid, cfg, strategy, spec, central, recorder, st, time.perf_counter() - t_start)
+    return _finish(grid, cfg, strategy, spec, central, recorder, st, time.perf_counter() - t_start, trail)
 
 
 def _tensor_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
@@ -299,13 +318,15 @@ def _tensor_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
 
 
 def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, central: CentralData | None,
-            recorder: RunRecorder, st: _State, wall_s: float) -> dict[str, Any]:
+            recorder: RunRecorder, st: _State, wall_s: float, trail: ServerAudit) -> dict[str, Any]:
     """Evaluate the selected model at every site and centrally with the chosen threshold."""
     sel = st.selection
     final_cfg: dict[str, Any] = {ConfigKey.RUN_SEED.value: cfg.seed}
     if sel.threshold is not None:
         final_cfg[ConfigKey.THRESHOLD.value] = sel.threshold
-    msgs = st.frozen.attach(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), grid))
+    view = st.avail.final_view(grid) if st.avail else grid
+    msgs = (st.frozen.attach(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), view))
+            if view is not None else [])
     best, last = st.frozen.full(st.best_arrays), st.frozen.full(st.arrays)
     per_site, failures = screen_evaluate_replies(send_and_receive(grid, msgs, cfg.round_timeout))
     info = central.info if central else None
@@ -337,6 +358,8 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
         "dataset": {"name": central.info.name if central else cfg.dataset, "num-sites": cfg.num_sites},
         "wall-s": wall_s,
     }
+    if st.avail and st.avail.stop is not None:
+        summary["stopped"] = st.avail.stop.to_dict()
     if fairness is not None:
         summary[FAIRNESS] = fairness
     if (central_dp := central_privacy(strategy)) is not None:
@@ -347,6 +370,7 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
                    metrics={"test": summary["test"], "threshold": sel.threshold, "privacy": st.privacy},
                    selection=sel.to_dict())
     )
+    summary[AUDIT_HEAD] = trail.run_end(sel.best_round, best, last)
     recorder.write_summary(summary)
     recorder.write_report()
     return summary

@@ -4,6 +4,14 @@ Error replies, replies without the expected records, and updates with NaN/Inf or
 keys, shapes or dtypes that differ from the global model are logged with the site and
 excluded; the rest are sorted by site id so aggregation order, and hence the result,
 does not depend on arrival order.
+
+Norm screening (``max-update-norm-ratio``): of the valid replies, an update whose L2
+distance to the global model exceeds ``ratio`` times the round's median distance is
+excluded the same way. The median is robust to a minority of poisoned sites, so a scaled
+or sign-flipped update stands out however large it is. It needs at least
+``MIN_REPLIES_FOR_NORM_SCREEN`` (3) valid replies: with two, the median is their mean and
+one huge update can never exceed 10x of it; with one there is nothing to compare. With
+fewer, the round is not norm-screened (logged).
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from flwr.app import ArrayRecord, Message
 from medfed.common.constants import MetricKey, RecordKey, SiteKey
 
 log = logging.getLogger(__name__)
+
+MIN_REPLIES_FOR_NORM_SCREEN = 3
 
 
 @dataclass(frozen=True)
@@ -58,10 +68,55 @@ def _check_update(msg: Message, reference: ArrayRecord, allow_subset: bool) -> s
     return None
 
 
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of ``arrays - reference`` over the floating-point arrays ``arrays`` holds."""
+    total = 0.0
+    for key, arr in arrays.items():
+        local = arr.numpy()
+        if not np.issubdtype(local.dtype, np.floating):
+            continue  # counters (BatchNorm's num_batches_tracked) are not model weights
+        diff = local.astype(np.float64) - reference[key].numpy().astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def screen_update_norms(
+    good: list[tuple[str, Message]], reference: ArrayRecord, max_ratio: float
+) -> tuple[list[tuple[str, Message]], list[Failure]]:
+    """Keep the (site, reply) pairs whose update norm is at most ``max_ratio`` x the median."""
+    if max_ratio <= 0 or not good:
+        return good, []
+    if len(good) < MIN_REPLIES_FOR_NORM_SCREEN:
+        log.warning("%d valid update(s): norm screening needs at least %d, this round is not screened",
+                    len(good), MIN_REPLIES_FOR_NORM_SCREEN)
+        return good, []
+    norms = [update_norm(m.content[RecordKey.ARRAYS.value], reference) for _, m in good]
+    median = float(np.median(norms))
+    if median <= 0.0:
+        log.warning("median update norm is 0 (most sites sent the global model back): not norm-screened")
+        return good, []
+    kept: list[tuple[str, Message]] = []
+    failures: list[Failure] = []
+    for (site, msg), norm in zip(good, norms, strict=True):
+        if norm > max_ratio * median:
+            failures.append(Failure(site or None, msg.metadata.src_node_id,
+                                    f"update norm {norm:.4g} is {norm / median:.1f}x the round's median "
+                                    f"{median:.4g} (max-update-norm-ratio={max_ratio:g})"))
+        else:
+            kept.append((site, msg))
+    log.info("update norms: median %.4g, max %.4g (%.1fx), %d excluded", median, max(norms),
+             max(norms) / median, len(failures))
+    return kept, failures
+
+
 def screen_train_replies(
-    replies: list[Message], reference: ArrayRecord, allow_subset: bool = False
+    replies: list[Message], reference: ArrayRecord, allow_subset: bool = False, max_norm_ratio: float = 0.0
 ) -> tuple[list[Message], list[Failure]]:
-    """Valid training replies (sorted by site id) and the failures."""
+    """Valid training replies (sorted by site id) and the failures.
+
+    ``max_norm_ratio`` > 0 also excludes updates whose norm exceeds that multiple of the
+    median over the valid replies (see the module docstring; 0: off).
+    """
     good: list[tuple[str, Message]] = []
     failures: list[Failure] = []
     for msg in replies:
@@ -82,6 +137,8 @@ def screen_train_replies(
         if len(keys) > 1:
             failures += [Failure(s, m.metadata.src_node_id, "sites sent different key sets") for s, m in good]
             good = []
+    good, too_large = screen_update_norms(good, reference, max_norm_ratio)
+    failures += too_large
     for f in failures:
         log.warning("excluded reply from site %s (node %s): %s", f.site, f.node, f.reason)
     good.sort(key=lambda pair: pair[0])

@@ -86,14 +86,31 @@ class QFedAvgTyped(QFedAvg):
         return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=dtypes.get(k))) for k, v in arrays.items()}), metrics
 
 
+def keep_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` in the dtypes of the global model ``reference`` (integers rounded).
+
+    Flower 1.41's median, trimmed-mean, Krum and Bulyan aggregations return float64 for
+    integer arrays (BatchNorm's ``num_batches_tracked``), which every site would then refuse.
+    """
+    out = {}
+    for key, arr in arrays.items():
+        value = arr.numpy()
+        dtype = reference[key].numpy().dtype if key in reference else value.dtype
+        if value.dtype != dtype:
+            value = np.rint(value) if np.issubdtype(dtype, np.integer) else value
+            arr = Array(np.asarray(value, dtype=dtype))
+        out[key] = arr
+    return ArrayRecord(out)
+
+
 _Builder = Callable[[StudyConfig, dict], Strategy]
 
 _REGISTRY: dict[str, _Builder] = {
     "fedavg": lambda c, kw: FedAvg(**kw),
     "fedprox": lambda c, kw: FedProx(proximal_mu=c.proximal_mu, **kw),
-    "fedadam": lambda c, kw: FedAdam(eta=c.server_lr, eta_l=c.lr, **kw),
-    "fedyogi": lambda c, kw: FedYogi(eta=c.server_lr, eta_l=c.lr, **kw),
-    "fedadagrad": lambda c, kw: FedAdagrad(eta=c.server_lr, eta_l=c.lr, **kw),
+    "fedadam": lambda c, kw: FedAdam(eta=c.server_lr, eta_l=c.lr, tau=c.server_tau, **kw),
+    "fedyogi": lambda c, kw: FedYogi(eta=c.server_lr, eta_l=c.lr, tau=c.server_tau, **kw),
+    "fedadagrad": lambda c, kw: FedAdagrad(eta=c.server_lr, eta_l=c.lr, tau=c.server_tau, **kw),
     "fedavgm": lambda c, kw: FedAvgM(server_learning_rate=1.0, server_momentum=c.server_momentum, **kw),
     "fedmedian": lambda c, kw: FedMedian(**kw),
     "fedtrimmedavg": lambda c, kw: FedTrimmedAvg(beta=c.trimmed_beta, **kw),

@@ -298,6 +298,13 @@ def submit_run(
             time.sleep(poll_interval)
 
 
+def resume_latest(run_config: str | None) -> str:
+    """``run_config`` plus ``resume='latest'``: the ServerApp continues from out-dir's newest checkpoint."""
+    if run_config and re.search(r"(^|\s)resume\s*=", run_config):
+        raise ConfigError("--resume and a resume= key in --run-config both choose a checkpoint: keep one of them")
+    return f"{run_config or ''} resume='latest'".strip()
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """``medfed run``."""
     parser.add_argument("--server", required=True, help="SuperLink address HOST:PORT")
@@ -305,6 +312,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true", help="connect without TLS (server started with --insecure)")
     parser.add_argument("--root-cert", type=Path, default=None, help="CA certificate (ca.crt) that signed the server certificate")
     parser.add_argument("--run-config", default=None, help="overrides, e.g. \"num-server-rounds=2 lr=0.01 out-dir='runs/a'\"")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue out-dir's study from its newest checkpoints/round-NNNN.pt (found by the server)")
     parser.add_argument("--wait", action="store_true", help="wait until the run finishes; exit 1 unless it completed")
     parser.add_argument("--stream", action="store_true", help="stream the run's logs until it finishes (implies --wait)")
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
@@ -315,7 +324,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run ``medfed run``: print the run id (and final status); 1 when the run did not complete."""
     result = submit_run(
         args.server, app_dir=args.app, insecure=args.insecure, root_cert=args.root_cert,
-        run_config=args.run_config, wait=args.wait, stream=args.stream, timeout=args.timeout,
+        run_config=resume_latest(args.run_config) if args.resume else args.run_config,
+        wait=args.wait, stream=args.stream, timeout=args.timeout,
     )
     if result.status is None:
         emit(f"submitted run {result.run_id} to {args.server}")

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from medfed.common.config import StudyConfig
-from medfed.common.errors import MedfedError
+from medfed.common.errors import ConfigError, MedfedError
+from medfed.simulations.attacks import AttackSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,25 @@ def check_cluster_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from exc
 
 
-def write_site_shards_for(cfg: StudyConfig, run_dir: Path) -> Path | None:
+def write_site_shards_for(cfg: StudyConfig, run_dir: Path, attack: AttackSpec | None = None) -> Path | None:
     """Write the study's sites as per-site shards under ``run_dir``; None when sites load their own data.
 
     Sites described by site.yaml files (dataset ``sites``) already read only their own files.
+    ``attack`` (label-flip) poisons the shards of its malicious sites (:mod:`.attacks`).
     """
     from medfed.common.data.federated import load_study_data
     from medfed.common.data.shards import shard_kind, write_site_shards
 
-    if cfg.dataset == "sites":
+    flip = attack is not None and attack.kind == "label-flip"
+    if cfg.dataset == "sites" or (flip and shard_kind(load_study_data(cfg)) is None):
+        if flip:
+            raise ConfigError("attack=label-flip is simulated through site shards, which these sites do not use")
         return None
     fed = load_study_data(cfg)  # memoised: the CLI has built it already, and the ServerApp reuses it
+    if flip:
+        from medfed.simulations.attacks import poison_study_data
+
+        fed = poison_study_data(fed, attack)  # a copy: the server's own data stays true
     if shard_kind(fed) is None:
         log.warning("the sites of %s cannot be written as shards: every ClientApp actor builds the whole dataset",
                     fed.info.name)
@@ -98,8 +107,12 @@ def write_site_shards_for(cfg: StudyConfig, run_dir: Path) -> Path | None:
     return write_site_shards(fed, run_dir / SHARD_DIR_NAME)
 
 
-def run_on_simulation_engine(cfg: StudyConfig) -> None:
-    """Run the federated study ``cfg`` with one virtual SuperNode per site."""
+def run_on_simulation_engine(cfg: StudyConfig, attack: AttackSpec | None = None) -> None:
+    """Run the federated study ``cfg`` with one virtual SuperNode per site.
+
+    ``attack``: simulated poisoned sites (:mod:`medfed.simulations.attacks`); never part of ``cfg``,
+    which is what every ClientApp receives. Recorded in ``RUN_DIR/attack.json``.
+    """
     from flwr.app import Context, RecordDict
     from flwr.common.constant import (
         RUN_ID_NUM_BYTES,
@@ -122,7 +135,16 @@ def run_on_simulation_engine(cfg: StudyConfig) -> None:
     if cfg.site_shards:
         log.warning("site-shards=%r is ignored: the engine writes the shards of this run itself", cfg.site_shards)
     cfg = cfg.replace(out_dir=str(run_dir), site_shards="")
-    shard_dir = write_site_shards_for(cfg, run_dir)
+    if attack is not None and attack.active:
+        import json
+
+        from medfed.simulations.attacks import ATTACK_FILE, attack_client_app
+
+        attack.check(cfg.num_sites)
+        client_app = attack_client_app(attack)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ATTACK_FILE).write_text(json.dumps(attack.to_dict()) + "\n", encoding="utf-8")
+    shard_dir = write_site_shards_for(cfg, run_dir, attack)
     # The ClientApps read the shards; the ServerApp's config (kept in checkpoints and
     # summary.json) names no run-local folder, so a finished run compares equal to its study.
     client_cfg = cfg.replace(site_shards=str(shard_dir)) if shard_dir else cfg

@@ -54,6 +54,8 @@ class LocalDeployment:
     _procs: list[Any] = field(default_factory=list)
     _logs: list[Path] = field(default_factory=list)
     _sites: dict[str, Any] = field(default_factory=dict)  # site id -> its SuperNode process
+    _superlink: Any = None  # the SuperLink process and its deploy config, for kill/restart
+    _server_cfg: Any = None
 
     @property
     def state_dir(self) -> Path:
@@ -80,7 +82,9 @@ class LocalDeployment:
             )
             self.server = cfg.address
             self._logs.append(self.base / "superlink.log")
-            self._procs.append(start_superlink(cfg, log_path=self._logs[-1]))
+            self._server_cfg = cfg
+            self._superlink = start_superlink(cfg, log_path=self._logs[-1])
+            self._procs.append(self._superlink)
             for index in range(self.sites):
                 site_id = f"site-{chr(ord('a') + index)}"
                 if not self.insecure:
@@ -111,6 +115,33 @@ class LocalDeployment:
             stop_process_group(proc)
             self._procs.remove(proc)
             self._start_site(site_id)
+
+    def kill_site(self, site_id: str) -> None:
+        """SIGKILL one site's SuperNode, its process group and its ClientApps, as a crash or power cut would."""
+        proc = self._sites.pop(site_id)
+        self._procs.remove(proc)
+        _kill_tree(proc)
+
+    def start_site(self, site_id: str) -> None:
+        """Start one site (killed or stopped before) again from its site.yaml and state dir."""
+        if site_id in self._sites:
+            raise ValueError(f"{site_id} is running: kill_site({site_id!r}) first")
+        self._start_site(site_id)
+
+    def kill_server(self) -> None:
+        """SIGKILL the SuperLink with its SuperExec and ServerApp; its state dir (superlink.db) stays."""
+        self._procs.remove(self._superlink)
+        _kill_tree(self._superlink)
+        self._superlink = None
+
+    def start_server(self) -> None:
+        """Start the SuperLink again on the same address with the same state dir; sites reconnect."""
+        from medfed.server.deploy import start_superlink
+
+        if self._superlink is not None:
+            raise ValueError("the SuperLink is running: kill_server() first")
+        self._superlink = start_superlink(self._server_cfg, log_path=self.base / "superlink.log")
+        self._procs.insert(0, self._superlink)
 
     def _thread_env(self) -> dict[str, str]:
         """Give each site its share of this machine's cores, as if it were its own host.
@@ -144,16 +175,20 @@ class LocalDeployment:
         from medfed.common.errors import MedfedError
         from medfed.server.submit import RUN_COMPLETED, submit_run
 
+        result = submit_run(self.server, insecure=self.insecure, root_cert=self.root_cert,
+                            run_config=self.study_config(rounds, extra, out_dir), wait=True, timeout=timeout)
+        if result.status != RUN_COMPLETED:
+            raise MedfedError(f"run {result.run_id} ended as {result.status}: see `flwr log {result.run_id}`")
+        return self.state_dir / out_dir
+
+    def study_config(self, rounds: int, extra: dict[str, Any] | None, out_dir: str) -> str:
+        """The ``--run-config`` string of a study on these sites."""
         config: dict[str, Any] = {"num-server-rounds": rounds, "num-sites": self.sites,
                                   "min-sites": self.sites, "out-dir": out_dir}
         if self.data is not None:
             config.update({"dataset": "medmnist", "data-path": str(self.data.resolve())})
         config.update(extra or {})
-        result = submit_run(self.server, insecure=self.insecure, root_cert=self.root_cert,
-                            run_config=run_config_string(config), wait=True, timeout=timeout)
-        if result.status != RUN_COMPLETED:
-            raise MedfedError(f"run {result.run_id} ended as {result.status}: see `flwr log {result.run_id}`")
-        return self.state_dir / out_dir
+        return run_config_string(config)
 
     def log_tails(self, lines: int = 30) -> str:
         out = []
@@ -178,3 +213,22 @@ class LocalDeployment:
         leftovers = self.stop()
         if leftovers:
             log.error("processes still running after stop: %s", shlex.join(map(str, leftovers)))
+
+
+def _kill_tree(proc: Any) -> None:
+    """SIGKILL ``proc``'s process group and every descendant (also those in other sessions); reap it."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    from medfed.common.process import descendants
+
+    pids = descendants(proc.pid)  # before the kill: orphans are re-parented to init
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)

@@ -40,15 +40,18 @@ from typing import Any
 from medfed.common.atomic import atomic_write_text
 from medfed.common.config import StudyConfig, kebab, parse_study_config
 from medfed.common.errors import ConfigError, MedfedError
+from medfed.simulations.attacks import ATTACK_FILE, AttackSpec, parse_attack
 
 log = logging.getLogger(__name__)
 
-SPEC_KEYS = ("name", "base", "grid", "baselines", "out")
+SPEC_KEYS = ("name", "base", "grid", "baselines", "out", "attack")  # attack: simulation only (.attacks)
 BASELINE_MODES = ("centralized", "local")
 RUNNER_KEYS = ("mode", "out-dir", "resume")  # the runner sets these per cell
 FEDERATED_ONLY = (  # keys a centralized or local baseline does not use (it has no strategy and no DP)
-    "strategy", "fraction-train", "min-sites", "round-timeout", "evaluate-every", "proximal-mu", "server-lr",
-    "server-momentum", "trimmed-beta", "num-malicious", "qfedavg-q", "epsilon", "delta", "max-grad-norm",
+    "strategy", "fraction-train", "min-sites", "round-timeout", "max-reply-mb", "evaluate-every", "proximal-mu", "server-lr",
+    "node-wait-timeout", "max-failed-rounds",
+    "server-momentum", "server-tau", "trimmed-beta", "num-malicious", "max-update-norm-ratio",
+    "qfedavg-q", "epsilon", "delta", "max-grad-norm",
     "dp-accountant", "max-physical-batch", "central-dp", "central-noise", "central-clip", "central-epsilon",
     "central-delta",
 )
@@ -68,6 +71,7 @@ class StudySpec:
     grid: dict[str, list[Any]]
     baselines: tuple[str, ...]
     out: Path
+    attack: AttackSpec = AttackSpec()  # poisoned sites in every federated cell; never in a cell's config
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Cell:
     mode: str
     values: dict[str, Any]
     config: StudyConfig
+    attack: AttackSpec = AttackSpec()
 
     @property
     def run_dir(self) -> Path:
@@ -145,7 +150,8 @@ def parse_study_spec(data: Any, default_name: str = "study") -> StudySpec:
     out = data.get("out", str(Path("runs", "studies", _slug(name))))
     if not isinstance(out, str) or not out.strip():
         raise ConfigError(f"out={out!r} must be a folder path")
-    return StudySpec(name.strip(), base, grid, tuple(baselines), Path(out).resolve())
+    attack = parse_attack(_mapping(data.get("attack"), "attack"))
+    return StudySpec(name.strip(), base, grid, tuple(baselines), Path(out).resolve(), attack)
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:
@@ -194,7 +200,13 @@ def _cell(spec: StudySpec, mode: str, values: dict[str, Any]) -> Cell:
         cfg = parse_study_config(mapping)
     except ConfigError as exc:
         raise ConfigError(f"cell {cell_id}: {exc}") from exc
-    return Cell(cell_id, mode, values, cfg)
+    if mode != "federated" or not spec.attack.active:
+        return Cell(cell_id, mode, values, cfg)
+    try:
+        spec.attack.check(cfg.num_sites)
+    except ConfigError as exc:
+        raise ConfigError(f"cell {cell_id}: {exc}") from exc
+    return Cell(cell_id, mode, values, cfg, spec.attack)
 
 
 def _dataset_of(data_path: str, task: str) -> str:
@@ -238,7 +250,10 @@ def cell_state(cell: Cell) -> str:
 
             if not round_failures(run_dir)[0]:  # finished, but no site trained: rerun it
                 return "failed"
-        return "done" if _same_config(summary, cell.config) else "partial"
+        attacked = (run_dir / ATTACK_FILE).is_file()  # a cell run under another attack setting is rerun
+        same_attack = attacked == cell.attack.active and (
+            not attacked or json.loads((run_dir / ATTACK_FILE).read_text()) == cell.attack.to_dict())
+        return "done" if _same_config(summary, cell.config) and same_attack else "partial"
     return "partial" if run_dir.exists() else "new"
 
 
@@ -255,7 +270,7 @@ def _same_config(summary_path: Path, cfg: StudyConfig) -> bool:
     return previous.replace(out_dir=cfg.out_dir, resume=cfg.resume) == cfg
 
 
-def run_cell(cfg: StudyConfig) -> None:
+def run_cell(cfg: StudyConfig, attack: AttackSpec | None = None) -> None:
     """Run one cell exactly as ``medfed simulate`` does: data checked first, then the run."""
     from medfed.common.data.federated import load_study_data
     from medfed.common.training import check_group_reweight
@@ -267,7 +282,7 @@ def run_cell(cfg: StudyConfig) -> None:
         from medfed.simulations.engine import run_on_simulation_engine
 
         try:
-            run_on_simulation_engine(cfg)
+            run_on_simulation_engine(cfg, attack) if attack is not None else run_on_simulation_engine(cfg)
         finally:
             _stop_ray()
         if not (Path(cfg.out_dir) / SUMMARY_FILE).is_file():
@@ -295,6 +310,7 @@ def write_plan(spec: StudySpec, cells: list[Cell]) -> Path:
         "name": spec.name,
         "grid-keys": list(spec.grid),
         "baselines": list(spec.baselines),
+        "attack": spec.attack.to_dict(),
         "cells": [{"id": c.cell_id, "mode": c.mode, "values": c.values} for c in cells],
     }
     path = spec.out / PLAN_FILE
@@ -325,7 +341,7 @@ def run_study(spec: StudySpec, cells: list[Cell],
         atomic_write_text(cell.run_dir / CELL_CONFIG, yaml.safe_dump(cell.config.to_dict(), sort_keys=False))
         log.info("study %s: cell %d/%d %s running", spec.name, i, len(cells), cell.cell_id)
         try:
-            runner(cell.config)
+            runner(cell.config, cell.attack) if cell.attack.active else runner(cell.config)
             outcomes.append(CellOutcome(cell.cell_id, "ran"))
         except Exception as exc:  # one failed cell is data: record it, run the rest
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

@@ -123,6 +123,7 @@ def _site_yaml(base: Path, site_id: str, index: int, server: str, secure: bool) 
         f"site-id: {site_id}", f"data-root: {site_id}/data", f"state-dir: {site_id}/state",
         f"server: '{server}'", "dataset: synthetic", "task: classification",
         f"shard-index: {index}", f"shard-count: {len(SITES)}", "clientappio-port: 0",
+        "run-app-code: true",  # the probe app ships its own ClientApp (medfed sites refuse that by default)
     ]
     if secure:
         lines += ["root-cert: certs/ca.crt", f"auth-key: keys/{site_id}.key"]

@@ -16,6 +16,7 @@ from medfed.common.data.uci_heart import (
     flamby_train_test,
     is_uci_heart_dir,
     load_uci_heart,
+    pooled_moments,
     read_hospital,
 )
 from medfed.common.errors import ConfigError, DataError
@@ -93,14 +94,40 @@ def test_split_draws_are_scikit_learns_with_seed_43(uci_dir):
         assert len(set(train.tolist()) | set(test.tolist())) == len(num) and not set(train) & set(test)
 
 
-def test_features_are_zscores_of_each_hospitals_training_rows(fed):
-    for s in fed.sites:
-        rows = np.concatenate([s.train.images, s.val.images])  # FLamby's training rows
-        z = FeatureDecode()(torch.from_numpy(rows)).double().numpy()
+def _training_z(site) -> np.ndarray:
+    rows = np.concatenate([site.train.images, site.val.images])  # FLamby's training rows
+    return FeatureDecode()(torch.from_numpy(rows)).double().numpy()
+
+
+def test_site_scaling_gives_zscores_of_each_hospitals_training_rows(uci_dir):
+    for s in load_uci_heart(uci_dir, seed=0, scaling="site").sites:
+        z = _training_z(s)
         constant = z.std(axis=0) < 1e-6  # Switzerland's cholesterol is always 0 (missing)
         np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-4)
         np.testing.assert_allclose(z[:, ~constant].std(axis=0, ddof=1), 1.0, atol=1e-4)
         assert constant.sum() == (1 if s.site_id == "switzerland" else 0)
+
+
+def test_federated_scaling_uses_the_pooled_training_rows_statistics(fed):
+    z = np.concatenate([_training_z(s) for s in fed.sites])
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=0, ddof=1), 1.0, atol=1e-4)
+    chol = list(FEATURES).index("chol")  # Switzerland's missing cholesterol (0) stays far below the others
+    swiss = _training_z(next(s for s in fed.sites if s.site_id == "switzerland"))
+    assert swiss[:, chol].max() < -1.5 and abs(z[:, chol].mean()) < 1e-4
+
+
+def test_pooled_moments_equal_numpys_on_the_concatenation():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(3.0, 2.0, size=(n, 4)) for n in (5, 17, 2)]
+    mean, std = pooled_moments(parts)
+    np.testing.assert_allclose(mean, np.concatenate(parts).mean(axis=0))
+    np.testing.assert_allclose(std, np.concatenate(parts).std(axis=0, ddof=1))
+
+
+def test_unknown_scaling_is_refused(uci_dir):
+    with pytest.raises(ConfigError, match="feature-scaling"):
+        load_uci_heart(uci_dir, seed=0, scaling="global")
 
 
 def test_seed_changes_validation_rows_only(uci_dir, fed):

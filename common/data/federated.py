@@ -62,6 +62,7 @@ def partition_options(cfg: StudyConfig) -> dict[str, object]:
         "shift": cfg.shift,
         "shift_strength": cfg.shift_strength,
         "group_contrast": cfg.group_contrasts,
+        "feature_scaling": cfg.feature_scaling,
     }
 
 
@@ -79,6 +80,7 @@ def build_federated_data(
     shift: str = "none",
     shift_strength: float = 1.0,
     group_contrast: tuple[float, ...] = (),
+    feature_scaling: str = "federated",
 ) -> FederatedData:
     """Build the sites of a study (see module docstring); deterministic given the arguments.
 
@@ -90,7 +92,7 @@ def build_federated_data(
         if shift != "none":
             raise ConfigError(f"shift={shift!r} transforms images; dataset 'uci-heart' holds feature vectors: "
                               "set shift none")
-        return load_uci_heart(data_path, seed)
+        return load_uci_heart(data_path, seed, scaling=feature_scaling)
     if dataset not in _PARTITIONED:
         raise ConfigError(
             f"dataset={dataset!r} is not allowed here: choose one of {', '.join(_PARTITIONED)} "
@@ -166,6 +168,7 @@ def load_federated_cached(
     shift: str = "none",
     shift_strength: float = 1.0,
     group_contrast: tuple[float, ...] = (),
+    feature_scaling: str = "federated",
 ) -> FederatedData:
     """:func:`build_federated_data`, memoised per process (the ClientApp calls it every message).
 
@@ -189,6 +192,7 @@ def load_federated_cached(
         ("shift", str(shift)),
         ("shift_strength", float(shift_strength)),
         ("group_contrast", tuple(float(c) for c in group_contrast)),
+        ("feature_scaling", str(feature_scaling)),
     )
     return _cached(dataset, data_path, mtime_ns, int(num_sites), partition, float(alpha), int(seed), options)
 

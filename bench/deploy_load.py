@@ -1,0 +1,143 @@
+"""Load of a real deployment: a SuperLink and N SuperNodes on 127.0.0.1, a few rounds.
+
+Starts a LocalDeployment (insecure by default, ``--tls`` for TLS + site authentication),
+runs a study on synthetic data with a few local steps, and meanwhile samples the memory of
+every process it started (SuperLink, SuperExecs, ServerApp, SuperNodes, ClientApps) from
+/proc (Linux). Prints the per-round time and the peak summed RSS and PSS per process kind,
+and writes them to ``OUT/deploy_load.json``.
+
+    OMP_NUM_THREADS=1 python bench/deploy_load.py --sites 10 --rounds 3 --out runs/deploy_load
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from medfed.common.process import descendants
+from medfed.simulations.loopback import LocalDeployment
+
+log = logging.getLogger(__name__)
+
+KINDS = (  # (command-line fragment, kind), first match wins: the site launcher's command names the SuperNode too
+    ("medfed.client.app_runner task", "clientapp"), ("medfed.client.app_runner launcher", "site-launcher"),
+    ("flower-superlink", "superlink"), ("flower-supernode", "supernode"), ("flower-superexec", "superexec"),
+    ("flwr-serverapp", "serverapp"), ("flwr-clientapp", "clientapp"),
+)
+
+
+def _kind(pid: int) -> str | None:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return next((kind for fragment, kind in KINDS if fragment in cmd), "other")
+
+
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in kB; (0, 0) when it is gone."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0, 0
+    values = {line.split(":")[0]: int(line.split()[1]) for line in rollup.splitlines()[1:] if line.split()[1:2]}
+    return values.get("Rss", 0), values.get("Pss", 0)
+
+
+class MemorySampler(threading.Thread):
+    """Every ``interval`` s, sum RSS and PSS of the deployment's processes by kind; keep the peaks."""
+
+    def __init__(self, roots: callable, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.roots, self.interval = roots, interval
+        self.peak: dict[str, dict[str, float]] = defaultdict(lambda: {"rss-mb": 0.0, "pss-mb": 0.0, "count": 0})
+        self.peak_total = {"rss-mb": 0.0, "pss-mb": 0.0, "processes": 0}
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            pids = {pid for root in self.roots() for pid in (root, *descendants(root))}
+            by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+            for pid in pids:
+                kind = _kind(pid)
+                if kind is None:
+                    continue
+                rss, pss = _memory_kb(pid)
+                acc = by_kind[kind]
+                acc[0] += rss / 1024
+                acc[1] += pss / 1024
+                acc[2] += 1
+            for kind, (rss, pss, count) in by_kind.items():
+                peak = self.peak[kind]
+                peak["rss-mb"], peak["pss-mb"] = max(peak["rss-mb"], rss), max(peak["pss-mb"], pss)
+                peak["count"] = max(peak["count"], count)
+            rss_total = sum(v[0] for v in by_kind.values())
+            pss_total = sum(v[1] for v in by_kind.values())
+            if pss_total > self.peak_total["pss-mb"]:
+                self.peak_total = {"rss-mb": rss_total, "pss-mb": pss_total, "processes": len(pids)}
+            self.samples += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--min-sites", type=int, default=None, help="k of k-of-n rounds (default: all sites)")
+    parser.add_argument("--round-timeout", type=float, default=300.0, help="seconds a phase waits for replies")
+    parser.add_argument("--tls", action="store_true", help="TLS + SuperNode authentication (default: insecure)")
+    parser.add_argument("--out", type=Path, default=Path("runs/deploy_load"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    dep = LocalDeployment(args.out.resolve() / "dep", sites=args.sites, insecure=not args.tls)
+    t0 = time.perf_counter()
+    with dep:
+        startup_s = time.perf_counter() - t0
+        sampler = MemorySampler(lambda: [p.pid for p in dep._procs])
+        sampler.start()
+        t1 = time.perf_counter()
+        study = {"local-steps": args.local_steps, "batch-size": 16, "min-sites": args.min_sites or args.sites,
+                 "round-timeout": args.round_timeout}
+        error = None
+        try:
+            dep.run_study(args.rounds, study, out_dir="runs/load", timeout=(2 * args.rounds + 2) * args.round_timeout)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report what was measured so far
+            error = f"{type(exc).__name__}: {exc}"
+        study_s = time.perf_counter() - t1
+        sampler.stop()
+    metrics = dep.state_dir / "runs/load/metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    rounds = [json.loads(line) for line in lines if line.strip()]
+    result = {
+        "sites": args.sites, "rounds": args.rounds, "local-steps": args.local_steps, "tls": args.tls,
+        "startup-s": round(startup_s, 1), "study-s": round(study_s, 1),
+        "round-s": [round(r["time"]["round-s"], 1) for r in rounds],
+        "train-s": [round(r["time"]["train-s"], 1) for r in rounds],
+        "evaluate-s": [round(r["time"]["evaluate-s"], 1) for r in rounds],
+        "quorum": [r.get("quorum") for r in rounds],
+        "failures": [[f["reason"][:120] for f in r["failures"]] for r in rounds],
+        "sites-trained": [sum("train-loss" in row for row in r["sites"].values()) for r in rounds],
+        "peak-memory-by-kind": {k: {m: round(v, 1) for m, v in d.items()} for k, d in sorted(sampler.peak.items())},
+        "peak-memory-total": {k: round(v, 1) for k, v in sampler.peak_total.items()},
+        "samples": sampler.samples,
+        "error": error,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "deploy_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("%s", json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The server's audit trail, RUN_DIR/audit.jsonl: what was sent to and received from each site.
+
+The round loop calls :class:`ServerAudit` at four points: run start (config hash and the
+full config), after screening a round's training replies (model sent to each node,
+update received from each site with its hash, num-examples and epsilon spent, the
+rejections, sites seen for the first time), after aggregation and evaluation (the new
+global model's hash, evaluation rejections), and at the end (final model hash; the
+returned head hash goes into summary.json as ``audit-head``). Simulation and deployment
+write the same trail. Events and field names are listed in :data:`EVENTS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Message
+from medfed.common.audit_log import AUDIT_FILE, AuditLog, read_entries
+from medfed.common.config import StudyConfig
+from medfed.common.constants import MetricKey, RecordKey
+from medfed.common.hashing import arrays_hash, config_hash, study_config_hash
+from medfed.server.replies import Failure, site_of
+
+log = logging.getLogger(__name__)
+
+SERVER_ACTOR = "server"
+AUDIT_HEAD = "audit-head"  # the summary.json key holding the trail's head hash
+EVENTS = {
+    "run-start": "study-config-hash, config (in full), model (initial global model hash), rounds",
+    "run-resumed": "study-config-hash, config, model, checkpoint, from-round",
+    "site-joined": "round, site, node: a site seen for the first time in this run",
+    "model-sent": "round, node, site (when known), model, config-hash: one per training message",
+    "update-received": "round, site, node, update, num-examples, epsilon/delta (DP), accepted",
+    "rejected": "round, phase (train/evaluate), site, node, reason",
+    "aggregated": "round, model (new global model hash), sites (whose updates were aggregated)",
+    "run-end": "selected-round, model (selected model hash), last-model",
+}
+
+
+def _update_hash(msg: Message) -> str | None:
+    arrays = msg.content.get(RecordKey.ARRAYS.value) if msg.has_content() else None
+    return arrays_hash(arrays) if isinstance(arrays, ArrayRecord) else None
+
+
+class ServerAudit:
+    """Writes one run's server audit trail; see :data:`EVENTS`."""
+
+    def __init__(self, run_dir: str | Path):
+        self.log = AuditLog(Path(run_dir) / AUDIT_FILE, SERVER_ACTOR)
+        self.node_sites: dict[int, str] = {}
+        self.seen: set[str] = set()
+
+    @classmethod
+    def start(cls, cfg: StudyConfig, arrays: ArrayRecord, start_round: int) -> ServerAudit:
+        """Open RUN_DIR/audit.jsonl (appending: a log is never rewritten) and record the run's start."""
+        trail = cls(cfg.out_dir)
+        config = cfg.to_dict()
+        fields: dict[str, Any] = {"study-config-hash": study_config_hash(config), "config": config,
+                                  "model": arrays_hash(arrays), "rounds": cfg.num_server_rounds}
+        if cfg.resume:
+            trail._restore_seen()
+            trail.log.append("run-resumed", checkpoint=str(cfg.resume), **{"from-round": start_round}, **fields)
+        else:
+            trail.log.append("run-start", **fields)
+        return trail
+
+    def _restore_seen(self) -> None:
+        """Sites and nodes already recorded since the last run start (a resumed run continues it)."""
+        for entry in read_entries(self.log.path):
+            if entry.get("event") == "run-start":
+                self.seen.clear()
+                self.node_sites.clear()
+            elif entry.get("event") == "site-joined":
+                self.seen.add(str(entry["site"]))
+                self.node_sites[int(entry["node"])] = str(entry["site"])
+
+    def train_round(self, rnd: int, sent: Iterable[Message], replies: Iterable[Message],
+                    accepted: Iterable[Message], failures: Iterable[Failure]) -> None:
+        """Record the models sent, the updates received and the rejections of one training phase."""
+        replies = sorted(replies, key=lambda m: (site_of(m) or "", m.metadata.src_node_id))
+        for msg in replies:
+            site, node = site_of(msg), msg.metadata.src_node_id
+            if site is not None and site not in self.seen:
+                self.seen.add(site)
+                self.log.append("site-joined", round=rnd, site=site, node=node)
+            if site is not None:
+                self.node_sites[node] = site
+        hashes: dict[int, str] = {}
+        for msg in sorted(sent, key=lambda m: m.metadata.dst_node_id):
+            arrays = msg.content[RecordKey.ARRAYS.value]
+            if id(arrays) not in hashes:  # every message of a round usually carries the same record
+                hashes[id(arrays)] = arrays_hash(arrays)
+            model = hashes[id(arrays)]
+            config = msg.content.get(RecordKey.CONFIG.value)
+            node = msg.metadata.dst_node_id
+            self.log.append("model-sent", round=rnd, node=node, site=self.node_sites.get(node), model=model,
+                            **{"config-hash": config_hash(dict(config or {}))})
+        ok = {id(m) for m in accepted}
+        for msg in replies:
+            if msg.has_error():
+                continue  # an error reply has no update: it appears among the rejections
+            metrics = msg.content.get(RecordKey.METRICS.value) or {}
+            dp = {k.value: metrics[k.value] for k in (MetricKey.EPSILON, MetricKey.DELTA) if k.value in metrics}
+            self.log.append("update-received", round=rnd, site=site_of(msg), node=msg.metadata.src_node_id,
+                            update=_update_hash(msg), accepted=id(msg) in ok,
+                            **{"num-examples": metrics.get(MetricKey.NUM_EXAMPLES.value)}, **dp)
+        self._rejected(rnd, "train", failures)
+
+    def _rejected(self, rnd: int, phase: str, failures: Iterable[Failure]) -> None:
+        for f in failures:
+            self.log.append("rejected", round=rnd, phase=phase, site=f.site or self.node_sites.get(f.node),
+                            node=f.node, reason=f.reason)
+
+    def round_end(self, rnd: int, arrays: ArrayRecord, accepted: Iterable[Message],
+                  eval_failures: Iterable[Failure]) -> None:
+        """Record the global model after aggregation, and the evaluation rejections."""
+        self.log.append("aggregated", round=rnd, model=arrays_hash(arrays),
+                        sites=sorted(s for s in (site_of(m) for m in accepted) if s))
+        self._rejected(rnd, "evaluate", eval_failures)
+
+    def run_end(self, selected_round: int, selected: ArrayRecord, last: ArrayRecord) -> str:
+        """Record the final models; returns the trail's head hash for summary.json."""
+        entry = self.log.append("run-end", model=arrays_hash(selected), **{"selected-round": selected_round,
+                                                                          "last-model": arrays_hash(last)})
+        log.info("audit trail %s: head %s", self.log.path, entry["hash"])
+        return str(entry["hash"])
