@@ -67,6 +67,8 @@ def _reply(msg: Message, content: RecordDict, site_id: str, trail=None) -> Messa
     from medfed.client.boundary import check_reply
 
     sent = msg.content[RecordKey.ARRAYS.value].keys() if RecordKey.ARRAYS.value in msg.content else ()
+    if trail is not None and RecordKey.SITE.value in content:  # the server logs it: a cut-off site log shows
+        content[RecordKey.SITE.value][SiteKey.AUDIT_HEAD.value] = trail.head
     check_reply(content, sent, site_id)
     if trail is not None:
         trail.sent(content)

@@ -36,6 +36,7 @@ class SiteAudit:
         self.log = AuditLog(site.state_dir / AUDIT_FILE, site.site_id)
         self.phase = phase
         self.round = server_round
+        self.head = ""  # hash of this message's message-received entry, sent to the server with the reply
 
     @classmethod
     def received(cls, site: SiteRuntime, cfg: StudyConfig, msg: Message, phase: str) -> SiteAudit:
@@ -43,12 +44,12 @@ class SiteAudit:
         config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
         trail = cls(site, phase, int(config.get(ConfigKey.SERVER_ROUND.value, 0)))
         arrays = msg.content.get(RecordKey.ARRAYS.value)
-        trail.log.append("message-received", round=trail.round, phase=phase, **{
+        trail.head = trail.log.append("message-received", round=trail.round, phase=phase, **{
             "run-id": msg.metadata.run_id,
             "study-config-hash": study_config_hash(cfg.to_dict()),
             "config-hash": config_hash(config),
             "model": arrays_hash(arrays) if isinstance(arrays, ArrayRecord) else None,
-        })
+        })["hash"]
         return trail
 
     def sent(self, content: RecordDict) -> None:

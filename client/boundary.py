@@ -84,8 +84,13 @@ def _check_metrics(record: object) -> None:
 
 
 def _check_site_record(record: object, site_id: str) -> None:
-    if not isinstance(record, ConfigRecord) or dict(record) != {SiteKey.SITE_ID.value: site_id}:
-        raise BoundaryError("the site record may hold only the site id")
+    fields = dict(record) if isinstance(record, ConfigRecord) else None
+    head = None if fields is None else fields.pop(SiteKey.AUDIT_HEAD.value, None)
+    if fields != {SiteKey.SITE_ID.value: site_id}:
+        raise BoundaryError("the site record may hold only the site id and the audit trail's head")
+    if head is not None and not (isinstance(head, str) and len(head) == 64
+                                 and all(c in "0123456789abcdef" for c in head)):
+        raise BoundaryError("the site record's audit-head must be a sha256 hex digest")
 
 
 def public_reason(site_label: str, exc: BaseException) -> str:

@@ -122,6 +122,20 @@ class AuditLog:
         return seq, stored
 
 
+SITE_AUDIT_HEAD = "site-audit-head"  # field of the server's update-received entries: the site trail's head
+
+
+def site_anchor(server_log: str | Path, site: str) -> str | None:
+    """The last head of ``site``'s trail that the server's log recorded (None: none recorded).
+
+    A site sends its trail's head with every reply and the server logs it; if the site's log
+    still verifies and contains that head, nothing before it was cut off or rewritten.
+    """
+    heads = [e[SITE_AUDIT_HEAD] for e in read_entries(server_log)
+             if e.get("event") == "update-received" and e.get("site") == site and SITE_AUDIT_HEAD in e]
+    return heads[-1] if heads else None
+
+
 def read_entries(path: str | Path) -> Iterator[dict[str, Any]]:
     """The parsed entries of a log, unchecked (use :func:`verify` to check them)."""
     p = Path(path)

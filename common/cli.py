@@ -330,6 +330,9 @@ def _add_audit(sub: Any) -> None:
                         "elsewhere: --expect-head, or 'audit-head' of a summary.json beside FILE.")
     v.add_argument("file", help="RUN_DIR/audit.jsonl (server) or <state-dir>/audit.jsonl (site)")
     v.add_argument("--expect-head", help="a head hash recorded earlier: the log must still contain that entry")
+    v.add_argument("--against", metavar="SERVER_LOG",
+                   help="a site's log: check it against the server's audit.jsonl, which recorded the head "
+                   "of this site's trail with every training reply")
     v.set_defaults(func=cmd_audit_verify)
 
 
@@ -342,6 +345,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     anchor = args.expect_head
     if anchor is not None and not re.fullmatch(r"[0-9a-f]{64}", anchor):
         raise ConfigError(f"--expect-head {anchor!r} is not a sha256 hex digest: give the 64 hex characters")
+    if anchor is None and args.against:
+        anchor = _site_anchor_from(Path(args.file), Path(args.against))
     summary = Path(args.file).with_name("summary.json")
     if anchor is None and summary.is_file():
         anchor = json.loads(summary.read_text(encoding="utf-8")).get("audit-head")
@@ -350,6 +355,21 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     result = verify(args.file, anchor=anchor or None)
     emit(result.describe())
     return EXIT_OK if result.ok else EXIT_FAIL
+
+
+def _site_anchor_from(site_log: Path, server_log: Path) -> str:
+    from medfed.common.audit_log import read_entries, site_anchor, verify
+
+    server = verify(server_log)
+    if not server.ok:
+        raise MedfedError(f"{server_log}: {server.describe()}: the server's log cannot vouch for a site's")
+    actor = next((e.get("actor") for e in read_entries(site_log)), None)
+    anchor = site_anchor(server_log, str(actor)) if actor else None
+    if anchor is None:
+        raise MedfedError(f"{server_log} recorded no head of site {actor!r}'s trail: give that site's "
+                          "server log (the run it trained in), or --expect-head")
+    emit(f"checking against the head of site {actor}'s trail recorded in {server_log}: {anchor}")
+    return anchor
 
 
 def _add_data(sub: Any) -> None:

@@ -36,6 +36,7 @@ class SiteKey(str, Enum):
 
     SITE_ID = "site-id"
     STATUS = "status"
+    AUDIT_HEAD = "audit-head"  # the site audit trail's last hash: the server logs it as an anchor
 
 
 class NodeConfigKey(str, Enum):

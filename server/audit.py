@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, Message
-from medfed.common.audit_log import AUDIT_FILE, AuditLog, read_entries
+from medfed.common.audit_log import AUDIT_FILE, SITE_AUDIT_HEAD, AuditLog, read_entries
 from medfed.common.config import StudyConfig
-from medfed.common.constants import MetricKey, RecordKey
+from medfed.common.constants import MetricKey, RecordKey, SiteKey
 from medfed.common.hashing import arrays_hash, config_hash, study_config_hash
 from medfed.server.replies import Failure, site_of
 
@@ -32,7 +32,8 @@ EVENTS = {
     "run-resumed": "study-config-hash, config, model, checkpoint, from-round",
     "site-joined": "round, site, node: a site seen for the first time in this run",
     "model-sent": "round, node, site (when known), model, config-hash: one per training message",
-    "update-received": "round, site, node, update, num-examples, epsilon/delta (DP), accepted",
+    "update-received": "round, site, node, update, num-examples, epsilon/delta (DP), accepted, "
+                       "site-audit-head (the site trail's hash when it replied: an anchor for its log)",
     "rejected": "round, phase (train/evaluate), site, node, reason",
     "aggregated": "round, model (new global model hash), sites (whose updates were aggregated)",
     "run-end": "selected-round, model (selected model hash), last-model",
@@ -103,9 +104,12 @@ class ServerAudit:
                 continue  # an error reply has no update: it appears among the rejections
             metrics = msg.content.get(RecordKey.METRICS.value) or {}
             dp = {k.value: metrics[k.value] for k in (MetricKey.EPSILON, MetricKey.DELTA) if k.value in metrics}
+            site_rec = msg.content.get(RecordKey.SITE.value) or {}
+            anchor = {SITE_AUDIT_HEAD: site_rec[SiteKey.AUDIT_HEAD.value]} \
+                if isinstance(site_rec.get(SiteKey.AUDIT_HEAD.value), str) else {}
             self.log.append("update-received", round=rnd, site=site_of(msg), node=msg.metadata.src_node_id,
                             update=_update_hash(msg), accepted=id(msg) in ok,
-                            **{"num-examples": metrics.get(MetricKey.NUM_EXAMPLES.value)}, **dp)
+                            **{"num-examples": metrics.get(MetricKey.NUM_EXAMPLES.value)}, **dp, **anchor)
         self._rejected(rnd, "train", failures)
 
     def _rejected(self, rnd: int, phase: str, failures: Iterable[Failure]) -> None:

@@ -292,6 +292,26 @@ def test_site_trails_match_the_server_trail(study_run: Path):
             assert received[rnd - 1]["config-hash"] == model["config-hash"]
 
 
+def test_the_server_log_anchors_each_sites_trail_against_a_cut_off_end(study_run: Path, tmp_path: Path, capsys):
+    import shutil
+
+    from medfed.common.audit_log import site_anchor
+
+    server_log = study_run / "audit.jsonl"
+    src = study_run / "sites" / "site-1" / "state" / "audit.jsonl"
+    entries = list(read_entries(src))
+    last_train = [e for e in entries if e["event"] == "message-received" and e["phase"] == "train"][-1]
+    assert site_anchor(server_log, "site-1") == last_train["hash"], "the head the site sent with its last update"
+    assert site_anchor(server_log, "site-9") is None
+    site_log = tmp_path / "audit.jsonl"
+    shutil.copy(src, site_log)
+    assert main(["audit", "verify", str(site_log), "--against", str(server_log)]) == 0
+    _write(site_log, _lines(src)[: last_train["seq"] - 1])  # the end cut off, from round 2's training on
+    assert verify(site_log).ok, "the shortened chain is still a valid chain on its own"
+    assert main(["audit", "verify", str(site_log), "--against", str(server_log)]) == 1
+    assert "is not in the log" in capsys.readouterr().out
+
+
 def test_a_resumed_study_continues_the_same_trail(study_run: Path, tmp_path: Path):
     import shutil
 

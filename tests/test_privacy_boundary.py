@@ -47,6 +47,7 @@ def _ok_content() -> RecordDict:
     (lambda c: c["metrics"].__setitem__("patient-42-score", 0.3), "not an allowed"),
     (lambda c: c["metrics"].__setitem__("test-auc", [0.1, 0.9]), "may not be a list"),
     (lambda c: c["site"].__setitem__("patient", "Doe^John"), "only the site id"),
+    (lambda c: c["site"].__setitem__("audit-head", "Doe^John"), "sha256 hex digest"),
     (lambda c: c["arrays"].__setitem__("leak", Array(np.zeros(2, np.float32))), "did not send"),
 ])
 def test_reply_allowlist_refuses_anything_else(mutate, needle):
@@ -55,6 +56,12 @@ def test_reply_allowlist_refuses_anything_else(mutate, needle):
     mutate(content)
     with pytest.raises(BoundaryError, match=needle):
         check_reply(content, ["w"], "a")
+
+
+def test_the_site_record_may_carry_the_audit_trails_head():
+    content = _ok_content()
+    content["site"]["audit-head"] = "ab" * 32
+    check_reply(content, ["w"], "a")
 
 
 def test_error_reasons_are_public_only_when_marked():
