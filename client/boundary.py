@@ -23,6 +23,7 @@ from medfed.common.constants import (
     SiteKey,
 )
 from medfed.common.errors import MedfedError
+from medfed.common.hashing import is_sha256_hex
 
 EVAL_METRICS = (
     MetricKey.LOSS, MetricKey.AUC, MetricKey.ACCURACY, MetricKey.BALANCED_ACCURACY,
@@ -88,8 +89,7 @@ def _check_site_record(record: object, site_id: str) -> None:
     head = None if fields is None else fields.pop(SiteKey.AUDIT_HEAD.value, None)
     if fields != {SiteKey.SITE_ID.value: site_id}:
         raise BoundaryError("the site record may hold only the site id and the audit trail's head")
-    if head is not None and not (isinstance(head, str) and len(head) == 64
-                                 and all(c in "0123456789abcdef" for c in head)):
+    if head is not None and not is_sha256_hex(head):
         raise BoundaryError("the site record's audit-head must be a sha256 hex digest")
 
 

@@ -21,7 +21,6 @@ from flwr.app import ArrayRecord, Message
 from medfed.client.boundary import PublicSiteError
 from medfed.common.constants import ConfigKey, NodeConfigKey, RecordKey
 
-DEFAULT_MAX_MESSAGE_MB = 512.0
 MB = 1024 * 1024
 
 # per-message config values the site uses: key -> (type, low, high)
@@ -36,10 +35,11 @@ _CONFIG_BOUNDS: dict[str, tuple[type, float, float]] = {
 
 def max_message_mb(node_config: Mapping[str, Any]) -> float:
     """The site's bound from its site.yaml (deployment), else the default (simulation)."""
+    from medfed.common.site_config import DEFAULT_MAX_MESSAGE_MB, load_site_config
+
     path = node_config.get(NodeConfigKey.SITE_CONFIG.value)
     if not path:
         return DEFAULT_MAX_MESSAGE_MB
-    from medfed.common.site_config import load_site_config
 
     return load_site_config(str(path)).max_message_mb
 

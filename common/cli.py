@@ -338,12 +338,11 @@ def _add_audit(sub: Any) -> None:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     import json
-    import re
-
     from medfed.common.audit_log import verify
+    from medfed.common.hashing import is_sha256_hex
 
     anchor = args.expect_head
-    if anchor is not None and not re.fullmatch(r"[0-9a-f]{64}", anchor):
+    if anchor is not None and not is_sha256_hex(anchor):
         raise ConfigError(f"--expect-head {anchor!r} is not a sha256 hex digest: give the 64 hex characters")
     if anchor is None and args.against:
         anchor = _site_anchor_from(Path(args.file), Path(args.against))

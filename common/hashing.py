@@ -22,6 +22,12 @@ from typing import Any
 import numpy as np
 
 HASH_HEX_LEN = 64
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_sha256_hex(value: object) -> bool:
+    """True for a SHA-256 digest as written here: 64 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == HASH_HEX_LEN and set(value) <= _HEX
 
 
 def plain(value: Any) -> Any:

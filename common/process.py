@@ -127,22 +127,29 @@ def is_alive(pid: int) -> bool:
     return entry is not None and entry[2] != "Z"
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S, *,
+                       crash: bool = False) -> None:
     """SIGTERM the process group of ``proc``, wait, then SIGKILL what is left of it.
 
     Descendants that left the group (Flower starts its SuperExec in a new session) are
     remembered with their start time first, so only those very processes are killed.
+    ``crash``: SIGKILL everything at once, as a crash or power cut would (fault tests).
     """
     table = _proc_table()
     others = {pid: table[pid][3] for pid in descendants(proc.pid) if pid in table}
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
 
     def _left() -> list[int]:
         now = _proc_table()
         return [pid for pid, start in others.items() if pid in now and now[pid][3] == start and now[pid][2] != "Z"]
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL if crash else signal.SIGTERM)
+    if crash:
+        for pid in _left():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
 
     deadline = time.monotonic() + 2.0
     while _left() and time.monotonic() < deadline:

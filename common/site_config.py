@@ -39,6 +39,8 @@ LABEL_JOINS = tuple(JOIN_KEYS)
 TASKS = ("classification", "segmentation")
 
 
+DEFAULT_MAX_MESSAGE_MB = 512.0  # site.yaml max-message-mb; also the bound in simulation (no site.yaml)
+
 @dataclass(frozen=True)
 class SiteConfig:
     """One hospital site, from its ``site.yaml`` or the SuperNode's node config."""
@@ -82,7 +84,7 @@ class SiteConfig:
     # what the site runs and accepts (client/trusted_app.py, client/incoming.py)
     trusted_apps: tuple[str, ...] = ()  # sha256 of FABs the site runs; empty: config-only medfed apps
     run_app_code: bool = False  # True: Flower runs the ClientApp code the server ships (development only)
-    max_message_mb: float = 512.0  # largest model (sum of its arrays) the site accepts
+    max_message_mb: float = DEFAULT_MAX_MESSAGE_MB  # largest model (sum of its arrays) the site accepts
 
     def __post_init__(self) -> None:
         if not self.site_id or not all(c.isalnum() or c in "-_." for c in self.site_id):
@@ -143,7 +145,9 @@ class SiteConfig:
             )
 
     def _check_trusted_apps(self) -> None:
-        bad = [h for h in self.trusted_apps if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+        from medfed.common.hashing import is_sha256_hex
+
+        bad = [h for h in self.trusted_apps if not is_sha256_hex(h)]
         if bad:
             raise ConfigError(
                 f"trusted-apps: {bad[0]!r} is not a sha256 hash (64 lowercase hex digits); "

@@ -46,7 +46,7 @@ from medfed.server.fairness import (
 from medfed.server.frozen import FrozenPart, initial_arrays
 from medfed.server.frozen import split as split_frozen
 from medfed.server.audit import AUDIT_HEAD, ServerAudit
-from medfed.server.limits import bound_replies
+from medfed.server.limits import bound_replies, reply_bytes
 from medfed.server.recorder import RunRecorder
 from medfed.server.replies import screen_evaluate_replies, screen_train_replies
 from medfed.server.resume import resolve_resume
@@ -106,11 +106,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
 
 
 def _bytes(messages: list[Message]) -> int:
-    total = 0
-    for msg in messages:
-        if msg.has_content():
-            total += sum(rec.count_bytes() for rec in msg.content.values())
-    return total
+    return sum(reply_bytes(msg) for msg in messages)
 
 
 def model_spec_for(cfg: StudyConfig, central: CentralData | None) -> ModelSpec:

@@ -21,6 +21,7 @@ MB = 1024 * 1024
 
 
 def reply_bytes(msg: Message) -> int:
+    """Bytes of a message's records (0 for an error reply)."""
     return sum(rec.count_bytes() for rec in msg.content.values()) if msg.has_content() else 0
 
 

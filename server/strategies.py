@@ -67,30 +67,13 @@ class FedBN(FedAvg):
         return merged, metrics
 
 
-class QFedAvgTyped(QFedAvg):
-    """Flower's q-FedAvg (Li et al., ICLR 2020), returning arrays in the model's own dtypes.
-
-    Flower 1.41's ``QFedAvg.aggregate_train`` divides by a Python float and so returns
-    float64 arrays for a float32 model, which every site then refuses. The aggregation itself
-    is Flower's; only the dtypes of the result are restored. Sites' ``train-loss`` (the mean
-    loss over the round's local steps) stands in for the loss at the start of the round.
-    """
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        dtypes = {k: v.numpy().dtype for k, v in self.current_arrays.items()} if self.current_arrays else {}
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None:
-            return arrays, metrics
-        return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=dtypes.get(k))) for k, v in arrays.items()}), metrics
-
-
 def keep_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     """``arrays`` in the dtypes of the global model ``reference`` (integers rounded).
 
-    Flower 1.41's median, trimmed-mean, Krum and Bulyan aggregations return float64 for
-    integer arrays (BatchNorm's ``num_batches_tracked``), which every site would then refuse.
+    The study loop applies it to every aggregate. Flower 1.41's q-FedAvg returns float64 for
+    a float32 model (it divides by a Python float), and its median, trimmed-mean, Krum and
+    Bulyan return float64 for integer arrays (BatchNorm's ``num_batches_tracked``); every
+    site would refuse either.
     """
     out = {}
     for key, arr in arrays.items():
@@ -117,7 +100,8 @@ _REGISTRY: dict[str, _Builder] = {
     "krum": lambda c, kw: Krum(num_malicious_nodes=c.num_malicious, **kw),
     "multikrum": lambda c, kw: MultiKrum(num_malicious_nodes=c.num_malicious, **kw),
     "bulyan": lambda c, kw: Bulyan(num_malicious_nodes=c.num_malicious, **kw),
-    "qfedavg": lambda c, kw: QFedAvgTyped(
+    # Sites' train-loss (the mean over the round's local steps) stands in for the loss at the round's start.
+    "qfedavg": lambda c, kw: QFedAvg(
         client_learning_rate=c.lr, q=c.qfedavg_q, train_loss_key=MetricKey.TRAIN_LOSS.value, **kw
     ),
     "fedbn": lambda c, kw: FedBN(**kw),

@@ -118,9 +118,11 @@ class LocalDeployment:
 
     def kill_site(self, site_id: str) -> None:
         """SIGKILL one site's SuperNode, its process group and its ClientApps, as a crash or power cut would."""
+        from medfed.common.process import stop_process_group
+
         proc = self._sites.pop(site_id)
         self._procs.remove(proc)
-        _kill_tree(proc)
+        stop_process_group(proc, crash=True)
 
     def start_site(self, site_id: str) -> None:
         """Start one site (killed or stopped before) again from its site.yaml and state dir."""
@@ -128,18 +130,20 @@ class LocalDeployment:
             raise ValueError(f"{site_id} is running: kill_site({site_id!r}) first")
         self._start_site(site_id)
 
-    def kill_server(self) -> None:
+    def kill_superlink(self) -> None:
         """SIGKILL the SuperLink with its SuperExec and ServerApp; its state dir (superlink.db) stays."""
+        from medfed.common.process import stop_process_group
+
         self._procs.remove(self._superlink)
-        _kill_tree(self._superlink)
+        stop_process_group(self._superlink, crash=True)
         self._superlink = None
 
-    def start_server(self) -> None:
+    def restart_superlink(self) -> None:
         """Start the SuperLink again on the same address with the same state dir; sites reconnect."""
         from medfed.server.deploy import start_superlink
 
         if self._superlink is not None:
-            raise ValueError("the SuperLink is running: kill_server() first")
+            raise ValueError("the SuperLink is running: kill_superlink() first")
         self._superlink = start_superlink(self._server_cfg, log_path=self.base / "superlink.log")
         self._procs.insert(0, self._superlink)
 
@@ -214,21 +218,3 @@ class LocalDeployment:
         if leftovers:
             log.error("processes still running after stop: %s", shlex.join(map(str, leftovers)))
 
-
-def _kill_tree(proc: Any) -> None:
-    """SIGKILL ``proc``'s process group and every descendant (also those in other sessions); reap it."""
-    import contextlib
-    import os
-    import signal
-    import subprocess
-
-    from medfed.common.process import descendants
-
-    pids = descendants(proc.pid)  # before the kill: orphans are re-parented to init
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)

@@ -48,12 +48,10 @@ SPEC_KEYS = ("name", "base", "grid", "baselines", "out", "attack")  # attack: si
 BASELINE_MODES = ("centralized", "local")
 RUNNER_KEYS = ("mode", "out-dir", "resume")  # the runner sets these per cell
 FEDERATED_ONLY = (  # keys a centralized or local baseline does not use (it has no strategy and no DP)
-    "strategy", "fraction-train", "min-sites", "round-timeout", "max-reply-mb", "evaluate-every", "proximal-mu", "server-lr",
-    "node-wait-timeout", "max-failed-rounds",
-    "server-momentum", "server-tau", "trimmed-beta", "num-malicious", "max-update-norm-ratio",
-    "qfedavg-q", "epsilon", "delta", "max-grad-norm",
-    "dp-accountant", "max-physical-batch", "central-dp", "central-noise", "central-clip", "central-epsilon",
-    "central-delta",
+    "strategy", "fraction-train", "min-sites", "round-timeout", "node-wait-timeout", "max-failed-rounds",
+    "max-reply-mb", "evaluate-every", "proximal-mu", "server-lr", "server-momentum", "server-tau", "trimmed-beta",
+    "num-malicious", "max-update-norm-ratio", "qfedavg-q", "epsilon", "delta", "max-grad-norm", "dp-accountant",
+    "max-physical-batch", "central-dp", "central-noise", "central-clip", "central-epsilon", "central-delta",
 )
 PATH_KEYS = ("data-path", "initial-weights", "augment-model")
 NO_DP_KEYS = ("epsilon",)  # null means 0: no DP
@@ -282,7 +280,7 @@ def run_cell(cfg: StudyConfig, attack: AttackSpec | None = None) -> None:
         from medfed.simulations.engine import run_on_simulation_engine
 
         try:
-            run_on_simulation_engine(cfg, attack) if attack is not None else run_on_simulation_engine(cfg)
+            run_on_simulation_engine(cfg, attack)
         finally:
             _stop_ray()
         if not (Path(cfg.out_dir) / SUMMARY_FILE).is_file():

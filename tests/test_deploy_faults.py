@@ -108,9 +108,9 @@ def test_server_killed_between_rounds_resumes_to_same_result(tmp_path: Path) -> 
             config = dep.study_config(3, FAST, "runs/cut")
             submit_run(dep.server, insecure=True, run_config=config)
             _wait_for("round 1 checkpoint", lambda: (cut / "checkpoints" / "round-0001.pt").is_file())
-            dep.kill_server()  # SuperLink, SuperExec and ServerApp: SIGKILL
+            dep.kill_superlink()  # SuperLink, SuperExec and ServerApp: SIGKILL
             assert not (cut / "summary.json").exists()
-            dep.start_server()  # same address, same state dir (superlink.db)
+            dep.restart_superlink()  # same address, same state dir (superlink.db)
             proc = _resume_cli(dep, config)
             leftovers = dep.stop()
     finally:

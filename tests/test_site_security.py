@@ -88,16 +88,13 @@ def test_site_refuses_a_model_above_max_message_mb(tmp_path):
         check_incoming(_message(arrays=_big_arrays(1.5)), {"site-config": str(tmp_path / "site.yaml")})
 
 
-def test_site_default_bound_is_512_mb_and_the_refusal_reaches_the_server(tmp_path):
+def test_site_default_bound_is_512_mb_and_the_refusal_reaches_the_server(tmp_path, monkeypatch):
     from medfed.client import incoming
+    from medfed.common import site_config
 
     assert incoming.max_message_mb({"partition-id": 0}) == 512.0
-    incoming_default = incoming.DEFAULT_MAX_MESSAGE_MB
-    try:
-        incoming.DEFAULT_MAX_MESSAGE_MB = 1.0
-        reply = app(_message(arrays=_big_arrays(1.5)), _context(tmp_path, _run_config(tmp_path)))
-    finally:
-        incoming.DEFAULT_MAX_MESSAGE_MB = incoming_default
+    monkeypatch.setattr(site_config, "DEFAULT_MAX_MESSAGE_MB", 1.0)
+    reply = app(_message(arrays=_big_arrays(1.5)), _context(tmp_path, _run_config(tmp_path)))
     assert reply.has_error() and "max-message-mb" in reply.error.reason
 
 

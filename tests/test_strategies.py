@@ -12,8 +12,8 @@ from medfed.common.constants import MetricKey, RecordKey, SiteKey
 from medfed.server.replies import screen_train_replies
 from medfed.server.strategies import (
     FedBN,
-    QFedAvgTyped,
     build_strategy,
+    keep_dtypes,
     restore_strategy_state,
     strategy_state,
 )
@@ -46,7 +46,7 @@ EXPECTED = {
     "fedavg": fl.FedAvg, "fedprox": fl.FedProx, "fedadam": fl.FedAdam, "fedyogi": fl.FedYogi,
     "fedadagrad": fl.FedAdagrad, "fedavgm": fl.FedAvgM, "fedmedian": fl.FedMedian,
     "fedtrimmedavg": fl.FedTrimmedAvg, "krum": fl.Krum, "multikrum": fl.MultiKrum,
-    "bulyan": fl.Bulyan, "qfedavg": QFedAvgTyped, "fedbn": FedBN,
+    "bulyan": fl.Bulyan, "qfedavg": fl.QFedAvg, "fedbn": FedBN,
 }
 
 
@@ -108,20 +108,16 @@ def test_fedadam_state_round_trip():
         restore_strategy_state(s2, {"evil": {}})
 
 
-def test_qfedavg_keeps_the_models_dtypes_and_weights_sites_by_their_loss():
-    """Flower's q-FedAvg returns float64 for a float32 model (sites refuse it); ours keeps float32."""
+def test_qfedavg_aggregate_in_the_models_dtypes_weights_sites_by_their_loss():
+    """Flower's q-FedAvg returns float64 for a float32 model (sites refuse it); keep_dtypes restores float32."""
     glob = ArrayRecord({"w": Array(np.zeros(2, np.float32)), "b": Array(np.zeros(1, np.float16))})
-    def replies():  # Flower's q-FedAvg consumes the replies' arrays: fresh ones for each call
-        return [_reply("s0", {"w": np.ones(2, np.float32), "b": np.ones(1, np.float16)}, 10, loss=0.1),
-                _reply("s1", {"w": np.full(2, -1.0, np.float32), "b": np.ones(1, np.float16)}, 10, loss=2.0)]
-
+    replies = [_reply("s0", {"w": np.ones(2, np.float32), "b": np.ones(1, np.float16)}, 10, loss=0.1),
+               _reply("s1", {"w": np.full(2, -1.0, np.float32), "b": np.ones(1, np.float16)}, 10, loss=2.0)]
     ours = build_strategy(StudyConfig(strategy="qfedavg", lr=0.1, qfedavg_q=1.0, num_sites=2, min_sites=2), 2)
-    flowers = fl.QFedAvg(client_learning_rate=0.1, q=1.0, train_loss_key=MetricKey.TRAIN_LOSS.value)
-    for s in (ours, flowers):
-        s.current_arrays = ArrayRecord({k: Array(v.numpy().copy()) for k, v in glob.items()})
-    agg, _ = ours.aggregate_train(1, replies())
-    ref, _ = flowers.aggregate_train(1, replies())
-    assert ref["w"].numpy().dtype == np.float64  # the upstream behaviour this class corrects
+    ours.current_arrays = ArrayRecord({k: Array(v.numpy().copy()) for k, v in glob.items()})
+    ref, _ = ours.aggregate_train(1, replies)
+    assert ref["w"].numpy().dtype == np.float64  # the upstream behaviour keep_dtypes corrects
+    agg = keep_dtypes(ref, glob)
     assert agg["w"].numpy().dtype == np.float32 and agg["b"].numpy().dtype == np.float16
     np.testing.assert_allclose(agg["w"].numpy(), ref["w"].numpy(), rtol=1e-6)
     assert agg["w"].numpy()[0] < 0  # q > 0: the site with the higher loss (s1, at -1) pulls harder

@@ -219,7 +219,7 @@ def test_a_federated_run_in_which_no_site_trained_is_a_failed_cell(tmp_path: Pat
     """The server finishes even when every site refuses to train: the runner must not call that a result."""
     from medfed.simulations import engine
 
-    def refusing_sites(cfg):
+    def refusing_sites(cfg, attack=None):
         run_dir = Path(cfg.out_dir)
         (run_dir / "metrics.jsonl").write_text(_metrics_line(False, ["site site-0: ConfigError"]) * 2)
         (run_dir / "summary.json").write_text(json.dumps(_fake_summary(cfg, 0.5)))
