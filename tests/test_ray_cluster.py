@@ -6,6 +6,7 @@ The head runs in its own process group and is stopped by killing that group only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,10 +26,13 @@ from medfed.common.errors import MedfedError
 RAY = Path(sys.executable).parent / "ray"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all sockets stay bound until every port is picked, so none repeats."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _processes_of(session: int, marker: str) -> list[tuple[int, str]]:
@@ -57,10 +61,10 @@ def ray_head() -> Iterator[tuple[str, Path]]:
     # under 108 bytes. Every port is free-picked so the head never collides with other Ray
     # instances on this machine (the defaults 10001 and 52365 are fixed).
     temp_dir = Path(tempfile.mkdtemp(prefix="medfed-ray-", dir="/tmp"))
-    port = _free_port()
-    ports = {flag: _free_port() for flag in ("ray-client-server-port", "dashboard-agent-listen-port",
-                                             "dashboard-agent-grpc-port", "metrics-export-port",
-                                             "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+    flags = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    port, *others = _free_ports(len(flags) + 1)
+    ports = dict(zip(flags, others, strict=True))
     cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
            "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block",
            *(f"--{flag}={value}" for flag, value in ports.items())]
@@ -145,7 +149,7 @@ def test_simulate_on_an_existing_ray_cluster(ray_head: tuple[str, Path], tmp_pat
 def test_an_unreachable_cluster_fails_fast_with_the_fix():
     from medfed.simulations.engine import check_cluster_reachable
 
-    port = _free_port()  # nothing listens there now
+    (port,) = _free_ports(1)  # nothing listens there now
     t0 = time.monotonic()
     with pytest.raises(MedfedError, match=f"no Ray cluster answers at ray-address=127.0.0.1:{port}.*ray start --head"):
         check_cluster_reachable(f"127.0.0.1:{port}", timeout_s=2.0)
