@@ -23,7 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from medfed.client.incoming import check_incoming
 from medfed.common.config import StudyConfig, parse_study_config
-from medfed.common.constants import RecordKey, SiteKey
+from medfed.common.constants import ConfigKey, RecordKey, SiteKey
 from medfed.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def _reply(msg: Message, content: RecordDict, site_id: str, trail=None) -> Messa
     """The reply, after the privacy boundary has checked every record in it; ``trail`` logs it."""
     from medfed.client.boundary import check_reply
 
-    sent = msg.content[RecordKey.ARRAYS.value].keys() if RecordKey.ARRAYS.value in msg.content else ()
+    received = msg.content[RecordKey.ARRAYS.value] if RecordKey.ARRAYS.value in msg.content else {}
+    sent = {name: tuple(arr.shape) for name, arr in received.items()}
     if trail is not None and RecordKey.SITE.value in content:  # the server logs it: a cut-off site log shows
         content[RecordKey.SITE.value][SiteKey.AUDIT_HEAD.value] = trail.head
     check_reply(content, sent, site_id)
@@ -110,7 +111,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation and test data."""
     from medfed.client.site_data import resolve_site
     from medfed.client.audit import SiteAudit
+    from medfed.client.eval_guard import admit_evaluation
     from medfed.client.task import evaluate_round
+    from medfed.common.hashing import arrays_hash
 
     site = trail = None
     try:
@@ -120,6 +123,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         trail = SiteAudit.received(site, cfg, msg, "evaluate")
         arrays: ArrayRecord = msg.content[RecordKey.ARRAYS.value]
         config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
+        threshold = config.get(ConfigKey.THRESHOLD.value)
+        admit_evaluation(site.state_dir, msg.metadata.run_id, arrays_hash(arrays),
+                         None if threshold is None else float(threshold), cfg.num_server_rounds + 1)
         metrics = evaluate_round(cfg, site, arrays, config)
         content = RecordDict(
             {

@@ -10,16 +10,29 @@ the site's state dir is RUN_DIR/sites/<site>/state.
 
 A trail that cannot be extended (damaged, unwritable) fails the message: the site
 refuses to train rather than train unrecorded.
+
+The privacy ledger writes into the same trail: ``privacy-charge`` for every DP round it
+charges (round, steps, the ledger's count of charges and ε after it) and ``privacy-reset``
+when an administrator retires the ledger; :class:`PrivacyTrail` reads the charges that
+count, those after the latest reset.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from medfed.client.site_data import SiteRuntime
-from medfed.common.audit_log import AUDIT_FILE, AuditLog
+from medfed.common.audit_log import (
+    AUDIT_FILE,
+    AuditError,
+    AuditLog,
+    entry_hash,
+    read_entries,
+)
 from medfed.common.config import StudyConfig
 from medfed.common.constants import ConfigKey, MetricKey, RecordKey
 from medfed.common.hashing import arrays_hash, config_hash, study_config_hash
@@ -27,6 +40,49 @@ from medfed.common.hashing import arrays_hash, config_hash, study_config_hash
 log = logging.getLogger(__name__)
 
 _DP_KEYS = (MetricKey.EPSILON.value, MetricKey.DELTA.value, MetricKey.EPSILON_BUDGET.value)
+PRIVACY_CHARGE = "privacy-charge"  # one DP round charged to the privacy ledger
+PRIVACY_RESET = "privacy-reset"  # the ledger was retired: later charges start a fresh budget
+
+
+def site_log(site_id: str, state_dir: str | Path) -> AuditLog:
+    """The site's trail, <state-dir>/audit.jsonl, written as ``site_id``."""
+    return AuditLog(Path(state_dir) / AUDIT_FILE, site_id)
+
+
+@dataclass(frozen=True)
+class PrivacyTrail:
+    """The privacy entries of a site's trail that count: the charges after the latest reset."""
+
+    path: Path
+    charges: tuple[dict[str, Any], ...]
+    reset: dict[str, Any] | None  # the latest privacy-reset entry (None: never reset)
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        return self.charges[-1] if self.charges else None
+
+    @classmethod
+    def read(cls, state_dir: str | Path) -> PrivacyTrail:
+        """Read <state-dir>/audit.jsonl; raises :class:`AuditError` when a privacy entry was edited."""
+        path = Path(state_dir) / AUDIT_FILE
+        charges: list[dict[str, Any]] = []
+        reset = None
+        try:
+            for entry in read_entries(path):
+                event = entry.get("event") if isinstance(entry, dict) else None
+                if event not in (PRIVACY_CHARGE, PRIVACY_RESET):
+                    continue
+                if entry_hash(entry) != entry.get("hash"):
+                    raise AuditError(f"{path}: the {event} entry seq {entry.get('seq')} was edited, its hash "
+                                     f"does not match: run 'medfed audit verify {path}'")
+                if event == PRIVACY_RESET:
+                    charges, reset = [], entry
+                else:
+                    charges.append(entry)
+        except ValueError as exc:  # a line that is not JSON
+            raise AuditError(f"{path}: a line is not an audit entry ({exc}): run 'medfed audit verify {path}'") \
+                from exc
+        return cls(path, tuple(charges), reset)
 
 
 class SiteAudit:

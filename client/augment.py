@@ -8,14 +8,22 @@ checkpoint is read with ``weights_only`` loading. Privacy: generated images are 
 of the site, and DP-SGD's Poisson sampling covers every real record at the same rate; a
 generator trained on this site's data without DP carries that data's privacy risk into
 training, so use one trained with DP (``--task generation --epsilon``) or on other data.
+
+The path comes from the server's run config, so a deployed site resolves it only inside its
+own ``state-dir`` or ``data-root`` (relative paths against each, in that order; symlinks
+resolved) and refuses anything else before touching the file system there, with one error
+whether or not a file exists. A simulated partition (one user runs the server and every site)
+reads the path as given.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+from medfed.client.boundary import PublicSiteError
 from medfed.common.config import StudyConfig
 from medfed.common.data.splits import ImageSplit
 from medfed.common.errors import ConfigError
@@ -23,12 +31,32 @@ from medfed.common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def training_split(cfg: StudyConfig, site_id: str, train: ImageSplit) -> ImageSplit:
-    """The site's training split, plus generated images when the study asks for them."""
+def augment_model_path(given: str, roots: Sequence[Path] | None) -> Path:
+    """``augment-model`` resolved inside one of ``roots`` (None: a simulated partition, as given)."""
+    if roots is None:
+        return Path(given).resolve()
+    for root in roots:
+        base = root.resolve()
+        path = (base / given).resolve()  # an absolute ``given`` stays itself
+        if path.is_relative_to(base) and path.is_file():
+            return path
+    raise PublicSiteError(
+        "augment-model must name a generator checkpoint inside this site's state-dir or data-root "
+        "(a relative path is resolved against each): put the model.pt there and give its relative path"
+    )
+
+
+def training_split(cfg: StudyConfig, site_id: str, train: ImageSplit,
+                   roots: Sequence[Path] | None = None) -> ImageSplit:
+    """The site's training split, plus generated images when the study asks for them.
+
+    ``roots``: the folders a deployed site reads ``augment-model`` from (its state-dir and
+    data-root); None for a simulated partition.
+    """
     if not cfg.augment_model:
         return train
-    path = Path(cfg.augment_model).resolve()
-    gan = _generator(str(path), path.stat().st_mtime_ns if path.is_file() else 0)
+    path = augment_model_path(cfg.augment_model, roots)
+    gan = _generator(str(path), path.stat().st_mtime_ns)
     classes = [int(c) for c in cfg.augment_classes.split(",") if c.strip()]
     bad = [c for c in classes if not 0 <= c < gan.spec.num_classes]
     if bad:

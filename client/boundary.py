@@ -10,32 +10,16 @@ written to be shared; details stay in the site log.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from medfed.common.constants import (
-    GROUP_HISTOGRAM_KEYS,
-    GROUP_SCALAR_KEYS,
-    NUM_HIST_BINS,
-    SPLITS,
-    MetricKey,
-    RecordKey,
-    SiteKey,
-)
+from medfed.common.constants import RecordKey, SiteKey
 from medfed.common.errors import MedfedError
 from medfed.common.hashing import is_sha256_hex
+from medfed.common.reply_schema import metrics_problem
 
-EVAL_METRICS = (
-    MetricKey.LOSS, MetricKey.AUC, MetricKey.ACCURACY, MetricKey.BALANCED_ACCURACY,
-    MetricKey.SENSITIVITY, MetricKey.SPECIFICITY, MetricKey.NUM_EXAMPLES,
-    MetricKey.DICE, MetricKey.HD95, MetricKey.HD95_COUNT, MetricKey.D_LOSS, MetricKey.D_ACCURACY,
-)
-HISTOGRAM_KEYS = frozenset({MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value}) | GROUP_HISTOGRAM_KEYS
-ALLOWED_METRICS = frozenset(
-    {k.value for k in MetricKey} | {f"{s}-{m.value}" for s in SPLITS for m in EVAL_METRICS}
-    | GROUP_SCALAR_KEYS | GROUP_HISTOGRAM_KEYS  # per-group counts (medfed.common.fairness), k-anonymous
-)
 ALLOWED_RECORDS = frozenset({RecordKey.ARRAYS.value, RecordKey.METRICS.value, RecordKey.SITE.value})
+_PARAMETER_DTYPES = ("float16", "float32", "float64", "bfloat16", "int64", "int32", "bool")
 
 
 class PublicSiteError(MedfedError):
@@ -46,42 +30,45 @@ class BoundaryError(MedfedError):
     """A reply that would carry something other than model arrays and aggregate metrics."""
 
 
-def check_reply(content: RecordDict, sent_array_keys: Iterable[str], site_id: str) -> None:
-    """Raise :class:`BoundaryError` unless ``content`` holds only what a site may share."""
+def check_reply(content: RecordDict, sent_shapes: Mapping[str, tuple[int, ...]], site_id: str) -> None:
+    """Raise :class:`BoundaryError` unless ``content`` holds only what a site may share.
+
+    ``sent_shapes``: the name and shape of every array the server sent; a reply's arrays must
+    be among them, each with the shape it was sent with. Error texts never repeat a name
+    that was refused.
+    """
     extra = set(content.keys()) - ALLOWED_RECORDS
     if extra:
-        raise BoundaryError(f"record(s) {sorted(extra)} may not leave the site")
+        raise BoundaryError(f"{len(extra)} record(s) other than arrays, metrics and the site id may not leave the site")
     for key, record in content.items():
         if key == RecordKey.ARRAYS.value:
-            _check_arrays(record, set(sent_array_keys))
+            _check_arrays(record, sent_shapes)
         elif key == RecordKey.METRICS.value:
             _check_metrics(record)
         else:
             _check_site_record(record, site_id)
 
 
-def _check_arrays(record: object, allowed: set[str]) -> None:
+def _check_arrays(record: object, sent_shapes: Mapping[str, tuple[int, ...]]) -> None:
     if not isinstance(record, ArrayRecord):
         raise BoundaryError("the arrays record must be an ArrayRecord")
-    unknown = set(record.keys()) - allowed
+    unknown = set(record.keys()) - set(sent_shapes)
     if unknown:
         raise BoundaryError(f"{len(unknown)} array(s) the server did not send may not leave the site")
     for name, arr in record.items():
-        if arr.dtype not in ("float16", "float32", "float64", "bfloat16", "int64", "int32", "bool"):
+        if arr.dtype not in _PARAMETER_DTYPES:
             raise BoundaryError(f"array {name!r} has dtype {arr.dtype}, not a model parameter type")
+        if tuple(arr.shape) != tuple(sent_shapes[name]):
+            raise BoundaryError(f"array {name!r} has shape {tuple(arr.shape)}, not the shape "
+                                f"{tuple(sent_shapes[name])} the server sent")
 
 
 def _check_metrics(record: object) -> None:
     if not isinstance(record, MetricRecord):
         raise BoundaryError("the metrics record must be a MetricRecord")
-    for name, value in record.items():
-        if name not in ALLOWED_METRICS:
-            raise BoundaryError(f"metric {name!r} is not an allowed aggregate metric")
-        if isinstance(value, list):
-            if name not in HISTOGRAM_KEYS or len(value) != NUM_HIST_BINS:
-                raise BoundaryError(f"metric {name!r} may not be a list (per-sample values stay at the site)")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BoundaryError(f"metric {name!r} must be a number")
+    problem = metrics_problem(dict(record))
+    if problem:
+        raise BoundaryError(problem)
 
 
 def _check_site_record(record: object, site_id: str) -> None:

@@ -35,6 +35,12 @@ class SiteRuntime:
     state_dir: Path
     epsilon: float = 0.0  # the site's own privacy budget (0: none; the study's applies)
     delta: float = 1e-5
+    min_eval_n: int | None = None  # the site's own (site.yaml); None: a simulated partition, the study's applies
+    data_root: Path | None = None  # a site described by site.yaml: where its data lives
+
+    def eval_minimum(self, cfg: StudyConfig) -> int:
+        """Smallest split this site sends metrics for: its own setting wins over the study's."""
+        return cfg.min_eval_n if self.min_eval_n is None else self.min_eval_n
 
 
 def simulation_state_dir(cfg: StudyConfig, site_id: str) -> Path:
@@ -52,7 +58,8 @@ def resolve_site(node_config: Mapping[str, Any], cfg: StudyConfig) -> SiteRuntim
 def site_runtime(site: SiteConfig, cfg: StudyConfig) -> SiteRuntime:
     """The runtime of a site described by its own config (deployment, or simulation over site files)."""
     info, data = _site_data_cached(site, cfg.seed, cfg.image_size, cfg.in_channels)
-    return SiteRuntime(site.site_id, info, data, Path(site.state_dir), site.epsilon, site.delta)
+    return SiteRuntime(site.site_id, info, data, Path(site.state_dir), site.epsilon, site.delta,
+                       min_eval_n=site.min_eval_n, data_root=Path(site.data_root))
 
 
 def _simulated_site(cfg: StudyConfig, partition_id: int, num_partitions: int) -> SiteRuntime:

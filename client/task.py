@@ -8,6 +8,7 @@ nothing of Messages.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 from medfed.client.augment import training_split
-from medfed.client.privacy import start_round
+from medfed.client.privacy import private_round
 from medfed.client.site_data import SiteRuntime
 from medfed.client.site_state import load_local_layers, save_local_layers
 from medfed.common.arrays import arrays_to_state_dict, load_arrays, model_to_arrays
@@ -71,15 +72,16 @@ def train_round(
     settings = TrainSettings.from_study(
         cfg, seed=derive_seed(cfg.seed, server_round, site.site_id), proximal_mu=mu
     )
-    train_data = training_split(cfg, site.site_id, site.data.train)
+    roots = None if site.data_root is None else (site.state_dir, site.data_root)
+    train_data = training_split(cfg, site.site_id, site.data.train, roots)
     n_train = len(train_data)
-    private = start_round(cfg, site, server_round, settings.num_steps(n_train), n_train)
-    task = get_task(cfg.task)
-    if private is not None:
-        model = _dp_model(model, site, task)
-    global_params = arrays_to_state_dict(arrays) if mu > 0 else None
-    result = task.train(model, train_data, settings, device, global_params=global_params,
-                        dp=None if private is None else private.dp)
+    with private_round(cfg, site, server_round, settings.num_steps(n_train), n_train) as private:  # one DP task
+        task = get_task(cfg.task)
+        if private is not None:
+            model = _dp_model(model, site, task)
+        global_params = arrays_to_state_dict(arrays) if mu > 0 else None
+        result = task.train(model, train_data, settings, device, global_params=global_params,
+                            dp=None if private is None else private.dp)
     model.cpu()
     if fedbn:
         state = model.state_dict()
@@ -127,25 +129,34 @@ def evaluate_round(
     confusion counts and score histograms when the site's data has group codes
     (:func:`medfed.common.fairness.group_counts`, small groups suppressed) and
     ``num-examples`` (validation samples, the weight for averaging).
+
+    A split with fewer than the site's ``min-eval-n`` samples sends nothing but its absence:
+    with one patient, a loss or a 100-bin histogram is that patient's score. Metrics that are
+    not finite (an AUC on a split of one class) are left out, as the boundary requires.
     """
     from medfed.common.fairness import group_counts
     from medfed.common.metrics import DEFAULT_THRESHOLD, score_histograms
 
     fedbn = bool(config.get(ConfigKey.FEDBN.value, False))
     threshold = config.get(ConfigKey.THRESHOLD.value)
+    minimum = site.eval_minimum(cfg)
     model, _, _ = _prepare_model(cfg, site, arrays, fedbn)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task)
     out: dict[str, float | list[float]] = {}
     for split_name in SPLITS:
         split = getattr(site.data, split_name)
+        if len(split) < minimum:
+            log.info("site %s: %s split has %d sample(s), fewer than min-eval-n=%d: no %s metrics are sent",
+                     site.site_id, split_name, len(split), minimum, split_name)
+            continue
         metrics, probs = task.evaluate(
             model, split, device, threshold=None if threshold is None else float(threshold)
         )
-        for key, value in metrics.items():
-            out[f"{split_name}-{key}"] = float(value)
+        out.update({f"{split_name}-{key}": float(value) for key, value in metrics.items()
+                    if math.isfinite(float(value))})
         binary = probs is not None and probs.ndim == 2 and probs.shape[1] == 2  # binary classification
-        if not binary or not len(split):
+        if not binary:
             continue
         if split_name == "val":
             pos, neg = score_histograms(split.labels, probs[:, 1], bins=NUM_HIST_BINS)
@@ -157,5 +168,5 @@ def evaluate_round(
                 threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
                 num_groups=len(site.info.group_values) or None, bins=NUM_HIST_BINS, split=split_name,
             ))
-    out[MetricKey.NUM_EXAMPLES.value] = float(len(site.data.val))
+    out[MetricKey.NUM_EXAMPLES.value] = float(len(site.data.val) if len(site.data.val) >= minimum else 0)
     return out

@@ -133,10 +133,12 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--site-gpus", type=float, help="GPU share per site actor, e.g. 0.25: four per GPU "
                    "(default 1/min(sites, 4) when CUDA is present, else 0)")
     p.add_argument("--attack", help="simulation only, never sent to sites: none (default), sign-flip (send "
-                   "global - scale*(local - global)) or label-flip (train on flipped labels)")
+                   "global - scale*(local - global)), label-flip (train on flipped labels), weight-inflation "
+                   "(claim num-examples=1e12), impersonate (answer as site-<malicious-sites> from round 2) or "
+                   "bad-metrics (malformed histograms, NaN metrics)")
     p.add_argument("--malicious-sites", type=int, help="with --attack: how many sites attack, the first ones "
                    "(site-0, ...) (default 1)")
-    p.add_argument("--attack-scale", type=float, help="sign-flip: the scale (default 10)")
+    p.add_argument("--attack-scale", type=float, help="sign-flip and impersonate: the update's scale (default 10)")
     p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
     p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
     p.set_defaults(func=cmd_simulate)
@@ -435,7 +437,7 @@ def cmd_data_covid_sites(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- deployment
 def _add_deployment(sub: Any) -> None:
-    from medfed.client import audit_cli, daemon, site_check
+    from medfed.client import audit_cli, daemon, privacy_reset, site_check
     from medfed.common import certs
     from medfed.server import deploy, submit
 
@@ -447,6 +449,7 @@ def _add_deployment(sub: Any) -> None:
     sitesub = site.add_subparsers(dest="site_cmd", required=True, parser_class=_Parser)
     daemon.add_site_arguments(sitesub)
     site_check.add_check_arguments(sitesub)
+    privacy_reset.add_reset_arguments(sitesub)
 
     run = sub.add_parser("run", help="submit a study to a running server (deployment)")
     submit.add_run_arguments(run)

@@ -108,6 +108,12 @@ class StudyConfig:
     # reject a site's update whose L2 distance to the global model exceeds this multiple of the round's
     # median (server.replies; 0: off; needs >= 3 valid replies)
     max_update_norm_ratio: float = 10.0
+    # a site's FedAvg weight (num-examples) above this multiple of the round's median is capped to it
+    # (server.replies.cap_weights; 0: off), so one site cannot outweigh the others by claiming a huge dataset
+    max_site_weight_ratio: float = 10.0
+    # splits with fewer samples send no metrics or histograms (per-patient values would show);
+    # a deployed site's own min-eval-n (site.yaml) wins over this one
+    min_eval_n: int = 20
     qfedavg_q: float = 0.1
     # record-level DP-SGD at every site (epsilon 0: off). A deployed site's own budget wins if lower.
     epsilon: float = 0.0
@@ -207,6 +213,11 @@ class StudyConfig:
         if 0.0 < self.max_update_norm_ratio < 1.0:
             raise ConfigError(f"max-update-norm-ratio={self.max_update_norm_ratio} would exclude sites at or below "
                               "the median update norm: use 0 (off) or a ratio >= 1 (default 10)")
+        check_range("max-site-weight-ratio", self.max_site_weight_ratio, 0.0, 1e6)
+        if 0.0 < self.max_site_weight_ratio < 1.0:
+            raise ConfigError(f"max-site-weight-ratio={self.max_site_weight_ratio} would cap sites at or below the "
+                              "median weight: use 0 (off) or a ratio >= 1 (default 10)")
+        check_range("min-eval-n", self.min_eval_n, 1, 10**7)
         check_range("qfedavg-q", self.qfedavg_q, 0.0, 100.0)
         check_range("epsilon", self.epsilon, 0.0, 1000.0)
         check_range("delta", self.delta, 1e-12, 0.1)
@@ -250,6 +261,10 @@ class StudyConfig:
         if self.strategy == "qfedavg" and self.epsilon > 0:
             raise ConfigError("strategy qfedavg weights sites by their training loss, which DP sites do not send "
                               "(the accountant does not cover it): use another strategy with epsilon, or epsilon 0")
+        if self.group_reweight and self.epsilon > 0:
+            raise ConfigError("group-reweight weights each image by its (group, label) frequency over the whole site, "
+                              "a data-dependent weight DP-SGD's accounting does not cover: use group-reweight false "
+                              "with epsilon, or epsilon 0")
         if self.group_reweight and self.task != "classification":
             raise ConfigError(f"group-reweight weights a classification loss by group, not a {self.task} loss: "
                               "set task classification or group-reweight false")

@@ -40,6 +40,8 @@ TASKS = ("classification", "segmentation")
 
 
 DEFAULT_MAX_MESSAGE_MB = 512.0  # site.yaml max-message-mb; also the bound in simulation (no site.yaml)
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # site.yaml max-image-pixels: checked from each file's header before decoding
+DEFAULT_MIN_EVAL_N = 20  # site.yaml min-eval-n: no metrics or histograms for a smaller split
 
 @dataclass(frozen=True)
 class SiteConfig:
@@ -85,6 +87,9 @@ class SiteConfig:
     trusted_apps: tuple[str, ...] = ()  # sha256 of FABs the site runs; empty: config-only medfed apps
     run_app_code: bool = False  # True: Flower runs the ClientApp code the server ships (development only)
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB  # largest model (sum of its arrays) the site accepts
+    # what the site lets out and reads in (issue 14)
+    min_eval_n: int = DEFAULT_MIN_EVAL_N  # splits smaller than this send no metrics; wins over the study's
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # rows x columns (x frames / slices) of one file
 
     def __post_init__(self) -> None:
         if not self.site_id or not all(c.isalnum() or c in "-_." for c in self.site_id):
@@ -100,6 +105,8 @@ class SiteConfig:
         check_range("shard-index", self.shard_index, 0, self.shard_count - 1)
         check_range("clientappio-port", self.clientappio_port, 0, 65535)
         check_range("max-message-mb", self.max_message_mb, 1.0, 65536.0)
+        check_range("min-eval-n", self.min_eval_n, 1, 10**7)
+        check_range("max-image-pixels", self.max_image_pixels, 64, 10**11)
         self._check_trusted_apps()
         check_range("image-size", self.image_size, 8, 4096)
         check_choice("channels", str(self.channels), ("1", "3"))

@@ -143,6 +143,12 @@ def _optimizer(model: nn.Module, s: TrainSettings) -> Adam | SGD:
     return Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
 
 
+GROUP_REWEIGHT_WITH_DP = (
+    "group-reweight is refused with DP-SGD: its weights are (group, label) frequencies over the whole site, "
+    "which the accountant does not cover; train this site with group-reweight false"
+)
+
+
 def train(
     model: nn.Module,
     data: ImageSplit,
@@ -167,6 +173,8 @@ def train(
     n = len(data)
     if n == 0:
         raise DataError("this site has no training samples: check its data file and split")
+    if dp is not None and settings.group_reweight:  # also a site's own budget under a study without epsilon
+        raise ConfigError(GROUP_REWEIGHT_WITH_DP)
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -244,7 +252,7 @@ def _plan(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, weights:
 
     # With weights, DP-SGD's sampler draws sample indices in place of labels, mapped back here.
     targets = labels if weights is None else torch.arange(len(labels))
-    plan = private_plan(model, images, targets, steps, dp, s.optimizer, s.lr, s.momentum, s.weight_decay, gen)
+    plan = private_plan(model, images, targets, steps, dp, s.optimizer, s.lr, s.momentum, s.weight_decay)
     batches = plan.batches if weights is None else ((x, labels[i], weights[i]) for x, i in plan.batches)
     return plan.model, plan.optimizer, batches, plan.close
 

@@ -48,7 +48,14 @@ from medfed.server.frozen import split as split_frozen
 from medfed.server.audit import AUDIT_HEAD, ServerAudit
 from medfed.server.limits import bound_replies, reply_bytes
 from medfed.server.recorder import RunRecorder
-from medfed.server.replies import screen_evaluate_replies, screen_train_replies
+from medfed.server.replies import (
+    Capped,
+    Failure,
+    cap_eval_weights,
+    cap_weights,
+    screen_evaluate_replies,
+    screen_train_replies,
+)
 from medfed.server.resume import resolve_resume
 from medfed.server.selection import Selection, pool_validation
 from medfed.server.strategies import (
@@ -229,9 +236,12 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         train_replies = bound_replies(send_and_receive(grid, train_msgs, cfg.round_timeout), cfg.max_reply_mb)
         train_s = time.perf_counter() - t0
-        train_ok, failures = screen_train_replies(train_replies, st.arrays, allow_subset=fedbn,
+        admitted, refused, events = trail.binding.admit(train_replies, grid.get_node_ids)
+        train_ok, failures = screen_train_replies(admitted, st.arrays, allow_subset=fedbn,
                                                   max_norm_ratio=cfg.max_update_norm_ratio)
-        trail.train_round(rnd, train_msgs, train_replies, train_ok, failures)
+        failures = refused + failures
+        capped = cap_weights(train_ok, cfg.max_site_weight_ratio)
+        trail.train_round(rnd, train_msgs, train_replies, train_ok, failures, events, capped)
         if not train_ok and failures and all(BUDGET_EXHAUSTED in f.reason for f in failures):
             log.warning("round %d: every site has exhausted its privacy budget: the study stops after "
                         "round %d", rnd, rnd - 1)
@@ -254,7 +264,8 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         eval_replies = bound_replies(send_and_receive(grid, eval_msgs, cfg.round_timeout), cfg.max_reply_mb)
         eval_s = time.perf_counter() - t0
-        per_site_eval, eval_failures = screen_evaluate_replies(eval_replies)
+        per_site_eval, eval_failures, eval_capped = _screen_evaluation(grid, cfg, trail, rnd, "evaluate",
+                                                                       eval_replies)
         pooled = pool_validation(per_site_eval, score=task.score)
         if evaluate_now and st.selection.consider(rnd, pooled):
             st.best_arrays = st.arrays
@@ -276,12 +287,13 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
             "test": test_metrics,
             "sites": sites,
             "failures": [f.to_dict() for f in failures + eval_failures],
+            "capped": [c.to_dict() for c in capped + eval_capped],
             "selected": st.selection.best_round == rnd,
             "quorum": quorum,
         }
         if fairness is not None:  # per-group metrics at the threshold the sites applied (0.5 when none sent)
             record[FAIRNESS] = fairness
-        trail.round_end(rnd, st.arrays, train_ok, eval_failures)
+        trail.round_end(rnd, st.arrays, train_ok)
         recorder.append_round(record)
         recorder.save_round_checkpoint(
             Checkpoint(
@@ -307,6 +319,17 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
     return _finish(grid, cfg, strategy, spec, central, recorder, st, time.perf_counter() - t_start, trail)
 
 
+def _screen_evaluation(grid: Grid, cfg: StudyConfig, trail: ServerAudit, rnd: int, phase: str,
+                       replies: list[Message]) -> tuple[dict[str, dict], list[Failure], list[Capped]]:
+    """Bind, screen and cap one evaluation phase's replies, and audit what was refused."""
+    admitted, refused, events = trail.binding.admit(replies, grid.get_node_ids)
+    per_site, failures = screen_evaluate_replies(admitted)
+    failures = refused + failures
+    capped = cap_eval_weights(per_site, cfg.max_site_weight_ratio, trail.binding.node_of)
+    trail.evaluation(rnd, phase, failures, events, capped)
+    return per_site, failures, capped
+
+
 def _tensor_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
     import torch
 
@@ -324,7 +347,8 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
     msgs = (st.frozen.attach(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), view))
             if view is not None else [])
     best, last = st.frozen.full(st.best_arrays), st.frozen.full(st.arrays)
-    per_site, failures = screen_evaluate_replies(send_and_receive(grid, msgs, cfg.round_timeout))
+    replies = bound_replies(send_and_receive(grid, msgs, cfg.round_timeout), cfg.max_reply_mb)
+    per_site, failures, capped = _screen_evaluation(grid, cfg, trail, sel.best_round, "final-evaluate", replies)
     info = central.info if central else None
     fairness = summary_fairness(per_site, sel.threshold, info, cfg.seed, central_scores(
         spec, best, central.test if central else None, cfg.device, cfg.task),
@@ -349,6 +373,7 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
         "final-round-test": _central_test(spec, last, central, cfg, sel.threshold),
         "sites": sites,
         "failures": [f.to_dict() for f in failures],
+        "capped": [c.to_dict() for c in capped],
         "model": spec.to_dict(),
         "config": cfg.to_dict(),
         "dataset": {"name": central.info.name if central else cfg.dataset, "num-sites": cfg.num_sites},

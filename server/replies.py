@@ -12,6 +12,15 @@ or sign-flipped update stands out however large it is. It needs at least
 ``MIN_REPLIES_FOR_NORM_SCREEN`` (3) valid replies: with two, the median is their mean and
 one huge update can never exceed 10x of it; with one there is nothing to compare. With
 fewer, the round is not norm-screened (logged).
+
+Weight capping (``max-site-weight-ratio``): a kept update's ``num-examples`` above ``ratio``
+times the round's (lower) median weight is lowered to that bound before aggregation, and
+the capped claim is logged and audited. One site claiming 10^12 samples can then weigh at
+most ``ratio`` honest sites' worth, however much it claims.
+
+Metrics of training and evaluation replies are held to :func:`medfed.common.reply_schema.metrics_problem`
+(the same rules the site's boundary applies before sending): a reply that breaks them is
+excluded and its metrics are never pooled, so no reply can end a study.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 from medfed.common.constants import MetricKey, RecordKey, SiteKey
+from medfed.common.reply_schema import metrics_problem
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +56,23 @@ def site_of(msg: Message) -> str | None:
     return None if rec is None else str(rec.get(SiteKey.SITE_ID.value))
 
 
+TRAIN_RECORDS = frozenset({RecordKey.ARRAYS.value, RecordKey.METRICS.value, RecordKey.SITE.value})
+EVALUATE_RECORDS = frozenset({RecordKey.METRICS.value, RecordKey.SITE.value})
+
+
+def _records_problem(msg: Message, allowed: frozenset[str]) -> str | None:
+    extra = set(msg.content.keys()) - allowed
+    return f"reply carries {len(extra)} record(s) besides {', '.join(sorted(allowed))}" if extra else None
+
+
 def _check_update(msg: Message, reference: ArrayRecord, allow_subset: bool) -> str | None:
     content = msg.content
     arrays = content.get(RecordKey.ARRAYS.value)
     metrics = content.get(RecordKey.METRICS.value)
     if not isinstance(arrays, ArrayRecord) or metrics is None:
         return "reply lacks the 'arrays' or 'metrics' record"
+    if problem := _records_problem(msg, TRAIN_RECORDS) or metrics_problem(dict(metrics)):
+        return problem
     weight = metrics.get(MetricKey.NUM_EXAMPLES.value)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         return f"num-examples={weight!r} is not a positive number"
@@ -109,13 +130,84 @@ def screen_update_norms(
     return kept, failures
 
 
+@dataclass(frozen=True)
+class Capped:
+    """A training reply whose claimed ``num-examples`` was lowered to the round's cap."""
+
+    site: str
+    node: int
+    claimed: float
+    weight: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"site": self.site, "node": self.node, "claimed": self.claimed, "weight": self.weight}
+
+    @property
+    def reason(self) -> str:
+        return (f"num-examples={self.claimed:g} rejected: more than max-site-weight-ratio x the round's median; "
+                f"weighted as {self.weight:g}")
+
+
+def cap_weights(good: list[Message], max_ratio: float) -> list[Capped]:
+    """Lower every ``num-examples`` above ``max_ratio`` x the round's lower median to that bound.
+
+    Changes the replies' metric records in place (what the strategy then weighs by); 0: off.
+    The lower median (``sorted(w)[(n - 1) // 2]``) is a weight an honest majority sent.
+    """
+    if max_ratio <= 0 or len(good) < 2:
+        return []
+    key = MetricKey.NUM_EXAMPLES.value
+    weights = sorted(float(m.content[RecordKey.METRICS.value][key]) for m in good)
+    bound = max_ratio * weights[(len(weights) - 1) // 2]
+    capped: list[Capped] = []
+    for msg in good:
+        metrics = msg.content[RecordKey.METRICS.value]
+        claimed = float(metrics[key])
+        if claimed > bound:
+            metrics[key] = float(bound)
+            capped.append(Capped(site_of(msg) or "", msg.metadata.src_node_id, claimed, float(bound)))
+    for c in capped:
+        log.warning("site %s (node %s) claims num-examples=%g, more than max-site-weight-ratio=%g x the round's "
+                    "median: weighted as %g", c.site, c.node, c.claimed, max_ratio, c.weight)
+    return capped
+
+
+def cap_eval_weights(per_site: dict[str, dict], max_ratio: float, nodes: dict[str, int]) -> list[Capped]:
+    """:func:`cap_weights` for evaluation metrics: ``num-examples`` and the validation histograms.
+
+    A site whose validation weight exceeds the bound has its ``num-examples`` lowered to it
+    and its pooled histograms scaled down by the same factor, so it cannot choose the round
+    or the threshold alone by claiming a huge split. ``nodes``: site -> node, for the record.
+    """
+    key = MetricKey.NUM_EXAMPLES.value
+    weights = sorted(float(m.get(key, 0.0)) for m in per_site.values() if float(m.get(key, 0.0)) > 0)
+    if max_ratio <= 0 or len(weights) < 2:
+        return []
+    bound = max_ratio * weights[(len(weights) - 1) // 2]
+    capped: list[Capped] = []
+    for site, metrics in per_site.items():
+        claimed = float(metrics.get(key, 0.0))
+        if claimed <= bound:
+            continue
+        factor = bound / claimed
+        metrics[key] = float(bound)
+        for hist in (MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value):
+            if hist in metrics:
+                metrics[hist] = [float(v) * factor for v in metrics[hist]]
+        capped.append(Capped(site, nodes.get(site, 0), claimed, float(bound)))
+        log.warning("site %s claims %g validation samples, more than max-site-weight-ratio=%g x the median: "
+                    "weighted as %g", site, claimed, max_ratio, bound)
+    return capped
+
+
 def screen_train_replies(
     replies: list[Message], reference: ArrayRecord, allow_subset: bool = False, max_norm_ratio: float = 0.0
 ) -> tuple[list[Message], list[Failure]]:
     """Valid training replies (sorted by site id) and the failures.
 
     ``max_norm_ratio`` > 0 also excludes updates whose norm exceeds that multiple of the
-    median over the valid replies (see the module docstring; 0: off).
+    median over the valid replies (see the module docstring; 0: off). Weights are capped
+    afterwards by :func:`cap_weights`.
     """
     good: list[tuple[str, Message]] = []
     failures: list[Failure] = []
@@ -146,7 +238,12 @@ def screen_train_replies(
 
 
 def screen_evaluate_replies(replies: list[Message]) -> tuple[dict[str, dict], list[Failure]]:
-    """Per-site evaluation metrics (site id -> metrics) and the failures."""
+    """Per-site evaluation metrics (site id -> metrics) and the failures.
+
+    A reply whose records or metrics break the schema (:func:`metrics_problem`: a NaN, a
+    histogram of the wrong length or with a non-count, a positives histogram without its
+    negatives, per-group aggregates that disagree) drops that site's metrics for the phase.
+    """
     per_site: dict[str, dict] = {}
     failures: list[Failure] = []
     for msg in replies:
@@ -158,6 +255,12 @@ def screen_evaluate_replies(replies: list[Message]) -> tuple[dict[str, dict], li
         metrics = msg.content.get(RecordKey.METRICS.value)
         if site is None or metrics is None:
             failures.append(Failure(site, node, "evaluation reply lacks site id or metrics"))
+            continue
+        if problem := _records_problem(msg, EVALUATE_RECORDS) or metrics_problem(dict(metrics)):
+            failures.append(Failure(site, node, f"evaluation metrics dropped: {problem}"))
+            continue
+        if site in per_site:
+            failures.append(Failure(site, node, f"a second evaluation reply for site {site} is refused"))
             continue
         per_site[site] = dict(metrics)
     for f in failures:

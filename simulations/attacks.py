@@ -11,6 +11,20 @@ run-config key: the attack is an :class:`AttackSpec` that only the simulation dr
 - ``label-flip``: the site's *training* labels are flipped before training (binary ``1 - y``,
   multiclass ``(y + 1) mod C``); its validation and test data stay true. The driver writes
   the poisoned shard (:func:`poison_study_data`); the ClientApp code is unchanged.
+- ``weight-inflation``: the site trains honestly but claims ``num-examples`` of 10^12, to
+  make its (non-IID) model the federation's. The server caps it (``max-site-weight-ratio``).
+- ``impersonate``: from its second round on, the site answers as the first honest site
+  (``site-<malicious-sites>``) with a sign-flipped, boosted update, and in evaluation with
+  that site's id: a second vote, and the honest site's metrics replaced. The server binds
+  each site id to the node that first claimed it, and refuses the claim.
+- ``bad-metrics``: the site's evaluation replies carry malformed aggregates, a different one
+  each round (a NaN in a histogram, 5 bins, positives without negatives, per-group
+  histograms of the wrong length, a NaN metric), and its training replies a NaN loss. The
+  server drops them; pooling never sees them.
+
+The reply transforms are pure functions of (spec, partition, the message sent, the honest
+reply) in :func:`tamper_reply`, used by the ClientApp wrapper and by tests that run the
+ServerApp loop in one process.
 """
 
 from __future__ import annotations
@@ -21,16 +35,29 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from medfed.common.constants import NodeConfigKey, RecordKey
+from medfed.common.constants import (
+    GROUP_HIST_NEG,
+    GROUP_HIST_POS,
+    NUM_HIST_BINS,
+    ConfigKey,
+    MetricKey,
+    NodeConfigKey,
+    RecordKey,
+    SiteKey,
+    group_metric_key,
+)
 from medfed.common.data.splits import FederatedData, ImageSplit
 from medfed.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ATTACKS = ("none", "sign-flip", "label-flip")
+ATTACKS = ("none", "sign-flip", "label-flip", "weight-inflation", "impersonate", "bad-metrics")
+REPLY_ATTACKS = frozenset({"sign-flip", "weight-inflation", "impersonate", "bad-metrics"})
+"""Attacks that change a site's replies (the others change its data)."""
 DEFAULT_SCALE = 10.0
+INFLATED_WEIGHT = 1e12  # weight-inflation: the num-examples claimed
 ATTACK_FILE = "attack.json"  # in the run directory of an attacked simulation
 
 
@@ -40,7 +67,7 @@ class AttackSpec:
 
     kind: str = "none"
     malicious_sites: int = 0
-    scale: float = DEFAULT_SCALE  # sign-flip only
+    scale: float = DEFAULT_SCALE  # sign-flip and impersonate
 
     def __post_init__(self) -> None:
         if self.kind not in ATTACKS:
@@ -96,6 +123,73 @@ def sign_flip(local: ArrayRecord, global_arrays: ArrayRecord, scale: float) -> A
     return ArrayRecord(out)
 
 
+def _round_of(msg: Message) -> int:
+    config = msg.content.get(RecordKey.CONFIG.value) if msg.has_content() else None
+    return int((config or {}).get(ConfigKey.SERVER_ROUND.value, 0))
+
+
+def _bad_metrics(metrics: dict[str, Any], variant: int) -> dict[str, Any]:
+    """One of five malformed evaluation aggregates (``variant`` mod 5)."""
+    out = dict(metrics)
+    pos, neg = MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value
+    hist = [1.0] * NUM_HIST_BINS
+    kind = variant % 5
+    if kind == 0:
+        out[pos], out[neg] = [float("nan")] + hist[1:], hist
+    elif kind == 1:
+        out[pos], out[neg] = [1.0] * 5, [1.0] * 5
+    elif kind == 2:
+        out[pos] = hist
+        out.pop(neg, None)
+    elif kind == 3:
+        out[group_metric_key("val", 0, GROUP_HIST_POS)] = [1.0] * (NUM_HIST_BINS // 2)
+        out[group_metric_key("val", 0, GROUP_HIST_NEG)] = [1.0] * (NUM_HIST_BINS // 2)
+    else:
+        out[f"val-{MetricKey.AUC.value}"] = float("nan")
+    return out
+
+
+def _with(sent: Message, reply: Message, **records: Any) -> Message:
+    """``reply`` with some records replaced, as a new reply to ``sent``."""
+    content = RecordDict(dict(reply.content.items()))
+    for key, value in records.items():
+        content[key] = value
+    return Message(content=content, reply_to=sent)
+
+
+def tamper_reply(spec: AttackSpec, partition: int, sent: Message, reply: Message) -> Message:
+    """What malicious partition ``partition`` sends instead of its honest ``reply`` to ``sent``."""
+    if not spec.is_malicious(partition) or spec.kind not in REPLY_ATTACKS or reply.has_error():
+        return reply
+    train = RecordKey.ARRAYS.value in reply.content
+    metrics = dict(reply.content.get(RecordKey.METRICS.value) or {})
+    rnd = _round_of(sent)
+    if spec.kind == "sign-flip" and train:
+        log.warning("simulated attack: partition %s sends a sign-flipped update (scale %g)", partition, spec.scale)
+        return _with(sent, reply, arrays=sign_flip(reply.content[RecordKey.ARRAYS.value],
+                                             sent.content[RecordKey.ARRAYS.value], spec.scale))
+    if spec.kind == "weight-inflation" and train:
+        metrics[MetricKey.NUM_EXAMPLES.value] = INFLATED_WEIGHT
+        log.warning("simulated attack: partition %s claims num-examples=%g", partition, INFLATED_WEIGHT)
+        return _with(sent, reply, metrics=MetricRecord(metrics))
+    if spec.kind == "impersonate" and rnd >= 2:
+        victim = f"site-{spec.malicious_sites}"
+        changed: dict[str, Any] = {RecordKey.SITE.value: ConfigRecord({SiteKey.SITE_ID.value: victim})}
+        if train:
+            changed[RecordKey.ARRAYS.value] = sign_flip(reply.content[RecordKey.ARRAYS.value],
+                                                        sent.content[RecordKey.ARRAYS.value], spec.scale)
+        log.warning("simulated attack: partition %s answers as %s", partition, victim)
+        return _with(sent, reply, **changed)
+    if spec.kind == "bad-metrics":
+        if train:
+            metrics[MetricKey.TRAIN_LOSS.value] = float("nan")
+        else:
+            metrics = _bad_metrics(metrics, rnd)
+        log.warning("simulated attack: partition %s sends malformed metrics", partition)
+        return _with(sent, reply, metrics=MetricRecord(metrics))
+    return reply
+
+
 def flip_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Binary: ``1 - y``; multiclass: ``(y + 1) mod C`` (every label changes)."""
     if num_classes < 2:
@@ -125,29 +219,29 @@ def poison_study_data(fed: FederatedData, spec: AttackSpec) -> FederatedData:
 
 # --------------------------------------------------------------------------- the ClientApp
 def attack_client_app(spec: AttackSpec) -> ClientApp:
-    """The medfed ClientApp, except that malicious partitions sign-flip their updates."""
+    """The medfed ClientApp, except that malicious partitions tamper with their replies (:func:`tamper_reply`)."""
     from medfed.client.app import handle_evaluate, handle_train
 
-    if spec.kind != "sign-flip":
+    if spec.kind not in REPLY_ATTACKS:
         from medfed.client.app import app
 
         return app
     app = ClientApp()
 
+    def _partition(context: Context) -> int | None:
+        partition = context.node_config.get(NodeConfigKey.PARTITION_ID.value)
+        return None if partition is None else int(partition)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         reply = handle_train(msg, context)
-        partition = context.node_config.get(NodeConfigKey.PARTITION_ID.value)
-        if partition is None or not spec.is_malicious(int(partition)) or reply.has_error():
-            return reply
-        key = RecordKey.ARRAYS.value
-        content = RecordDict(dict(reply.content.items()))
-        content[key] = sign_flip(reply.content[key], msg.content[key], spec.scale)
-        log.warning("simulated attack: partition %s sends a sign-flipped update (scale %g)", partition, spec.scale)
-        return Message(content=content, reply_to=msg)
+        partition = _partition(context)
+        return reply if partition is None else tamper_reply(spec, partition, msg, reply)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context)
+        reply = handle_evaluate(msg, context)
+        partition = _partition(context)
+        return reply if partition is None else tamper_reply(spec, partition, msg, reply)
 
     return app

@@ -84,8 +84,8 @@ def write_site_yaml(path: Path, **keys: object) -> Path:
 
 
 def dicom_site(root: Path, n_patients: int = 12, images_per_patient: int = 3, seed: int = 0,
-               site_id: str = "hosp-a") -> Path:
-    """A manifest site of identifiable DICOM files; returns its site.yaml."""
+               site_id: str = "hosp-a", **site_keys: object) -> Path:
+    """A manifest site of identifiable DICOM files; returns its site.yaml (``site_keys``: more site.yaml keys)."""
     rng = np.random.default_rng(seed)
     data = root / "data"
     rows = []
@@ -101,5 +101,5 @@ def dicom_site(root: Path, n_patients: int = 12, images_per_patient: int = 3, se
     return write_site_yaml(
         root / "site.yaml", **{"site-id": site_id, "data-root": "data", "manifest": "manifest.csv",
                                "labels": ["normal", "abnormal"], "state-dir": "state",
-                               "group-attribute": "sex", "image-size": 32}
+                               "group-attribute": "sex", "image-size": 32, **site_keys}
     )

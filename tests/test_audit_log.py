@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord
 
 from medfed.common.audit_log import GENESIS, AuditError, AuditLog, read_entries, verify
 from medfed.common.cli import main
 from medfed.common.hashing import arrays_hash, config_hash, study_config_hash
+
+from tests.inprocess_grid import InProcessGrid
 
 
 def _log(tmp_path: Path, n: int = 5) -> Path:
@@ -184,50 +184,6 @@ def test_cli_verify_exit_codes(tmp_path: Path, capsys):
 
 
 # --------------------------------------------------------------------------- a real study
-class _InProcessGrid(Grid):
-    """The real ServerApp loop and the real ClientApp handlers, in one process (no Ray)."""
-
-    def __init__(self, num_sites: int, run_config: dict):
-        self.nodes = {100 + k: k for k in range(num_sites)}  # node id -> partition id
-        self.run_config = run_config
-        self.replies: dict[str, Message] = {}
-
-    def set_run(self, run_id):  # pragma: no cover - not used by the loop
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def get_nodes(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        from medfed.client.app import app
-
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            node = msg.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, state=RecordDict(), run_config=self.run_config,
-                          node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)})
-            self.replies[msg.metadata.message_id] = app(msg, ctx)
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
-        return self.pull_messages(self.push_messages(messages))
-
-
 @pytest.fixture(autouse=True)
 def _task_identity():
     from flwr.supercore.task_identity import TaskIdentity
@@ -242,7 +198,7 @@ def study_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("audit-study")
     cfg = StudyConfig(num_sites=3, num_server_rounds=2, local_steps=2, batch_size=32, seed=3, out_dir=str(out))
-    run_federated(_InProcessGrid(3, cfg.to_dict()), cfg)
+    run_federated(InProcessGrid(3, cfg.to_dict()), cfg)
     return out
 
 
@@ -323,7 +279,7 @@ def test_a_resumed_study_continues_the_same_trail(study_run: Path, tmp_path: Pat
     before = len(list(read_entries(run / "audit.jsonl")))
     cfg = StudyConfig(num_sites=3, num_server_rounds=2, local_steps=2, batch_size=32, seed=3, out_dir=str(run),
                       resume=str(run / "checkpoints" / "round-0001.pt"))
-    run_federated(_InProcessGrid(3, cfg.to_dict()), cfg)
+    run_federated(InProcessGrid(3, cfg.to_dict()), cfg)
     summary = json.loads((run / "summary.json").read_text())
     result = verify(run / "audit.jsonl", anchor=summary["audit-head"])
     assert result.ok and result.after_anchor == 0
@@ -339,7 +295,7 @@ def test_refusals_are_recorded_at_the_site_and_the_server(tmp_path: Path):
 
     cfg = StudyConfig(num_sites=2, num_server_rounds=2, local_steps=2, batch_size=32, seed=3, out_dir=str(tmp_path),
                       model="cnn-dp", epsilon=1e-4)
-    run_federated(_InProcessGrid(2, cfg.to_dict()), cfg)
+    run_federated(InProcessGrid(2, cfg.to_dict()), cfg)
     server = list(read_entries(tmp_path / "audit.jsonl"))
     rejected = [e for e in server if e["event"] == "rejected"]
     assert len(rejected) == 2 and all("privacy budget exhausted" in e["reason"] for e in rejected)

@@ -61,3 +61,31 @@ def test_augmentation_settings_are_checked(gan_ckpt, tmp_path):
                                      state_dict=build_model(ModelSpec("cnn", 1, 2, 28)).state_dict()), tmp_path / "c.pt")
     with pytest.raises(ConfigError, match="give a generation study's model.pt"):
         training_split(cfg.replace(augment_model=str(clf), augment_classes="1"), site.site_id, site.train)
+
+
+def test_a_deployed_site_reads_augment_model_only_inside_its_state_dir_or_data_root(tmp_path):
+    """The path comes from the server: anywhere else on the site's disk is refused, with one error
+    whether or not a file exists there (the server must not learn what the disk holds)."""
+    from medfed.client.augment import augment_model_path
+    from medfed.client.boundary import PublicSiteError
+
+    state, data, elsewhere = tmp_path / "state", tmp_path / "data", tmp_path / "elsewhere"
+    for d in (state, data, elsewhere):
+        d.mkdir()
+    (state / "gan.pt").write_bytes(b"x")
+    (data / "models").mkdir()
+    (data / "models" / "g.pt").write_bytes(b"x")
+    (elsewhere / "secret.pt").write_bytes(b"x")
+    (state / "link.pt").symlink_to(elsewhere / "secret.pt")
+    roots = (state, data)
+    assert augment_model_path("gan.pt", roots) == (state / "gan.pt").resolve()
+    assert augment_model_path("models/g.pt", roots) == (data / "models" / "g.pt").resolve()
+    assert augment_model_path(str(state / "gan.pt"), roots) == (state / "gan.pt").resolve()
+    errors = []
+    for given in (str(elsewhere / "secret.pt"), str(elsewhere / "missing.pt"), "../elsewhere/secret.pt",
+                  "link.pt", "/etc/passwd"):
+        with pytest.raises(PublicSiteError) as err:
+            augment_model_path(given, roots)
+        errors.append(str(err.value))
+    assert len(set(errors)) == 1, "an existing and a missing file give the same error"
+    assert augment_model_path(str(elsewhere / "secret.pt"), None) == elsewhere / "secret.pt"  # simulation

@@ -103,13 +103,14 @@ def test_the_privacy_boundary_allows_group_aggregates_and_nothing_else():
         return RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
                            "metrics": MetricRecord(m), "site": ConfigRecord({"site-id": "a"})})
 
-    check_reply(content(metrics), ["w"], "a")
-    for bad, needle in [({"test-g0-hist-pos": [1.0] * 7}, "may not be a list"),
-                        ({f"test-g{MAX_GROUPS}-tp": 3.0}, "not an allowed"),
+    check_reply(content(metrics), {"w": (2,)}, "a")
+    for bad, needle in [({"test-g0-hist-pos": [1.0] * 7}, "7 bins"),
+                        ({f"test-g{MAX_GROUPS}-tp": 3.0}, "outside the allowlist"),
                         ({"test-g0-tp": [1.0] * NUM_HIST_BINS}, "may not be a list"),
-                        ({"test-g0-scores": 0.4}, "not an allowed")]:
+                        ({"test-g0-scores": 0.4}, "outside the allowlist"),
+                        ({"test-g0-tp": 1e6}, "inconsistent")]:
         with pytest.raises(BoundaryError, match=needle):
-            check_reply(content({**metrics, **bad}), ["w"], "a")
+            check_reply(content({**metrics, **bad}), {"w": (2,)}, "a")
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_evaluate_round_sends_group_aggregates_at_the_servers_threshold(tmp_path
 
     fed = make_synthetic(num_sites=2, seed=0, samples_per_site=[120, 100])
     site = SiteRuntime("site-0", fed.info, fed.sites[0], tmp_path / "state")
-    cfg = StudyConfig(num_sites=2, out_dir=str(tmp_path))
+    cfg = StudyConfig(num_sites=2, out_dir=str(tmp_path), min_eval_n=5)  # splits of 18
     torch.manual_seed(0)
     arrays = model_to_arrays(build_model(ModelSpec("cnn", 1, 2, 28)))
     out = evaluate_round(cfg, site, arrays, {})

@@ -281,7 +281,7 @@ def test_private_discriminator_uses_the_gan_adam_and_closes_to_a_plain_module():
     _, disc = build_gan(SPEC)
     data = _toy(16, seed=11)
     private = private_discriminator(disc, torch.from_numpy(data.images), torch.from_numpy(data.labels), 2,
-                                    DPSettings(noise_multiplier=1.0), 3e-4, (0.5, 0.999), torch.Generator())
+                                    DPSettings(noise_multiplier=1.0), 3e-4, (0.5, 0.999))
     assert private.module._module is disc
     group = private.optimizer.param_groups[0]
     assert group["lr"] == 3e-4 and group["betas"] == (0.5, 0.999)

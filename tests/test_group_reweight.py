@@ -87,18 +87,17 @@ def test_reweighting_changes_the_loss_and_the_update():
     assert not torch.allclose(plain["1.weight"], weighted["1.weight"])
 
 
-def test_dp_sgd_gets_the_same_weighted_gradient():
-    """Poisson rate 1, no noise, no effective clipping: DP-SGD's step equals the weighted step."""
+def test_group_reweight_is_refused_with_dp_sgd():
+    """Its weights are (group, label) frequencies over the whole site: the accountant does not cover them."""
     from medfed.common.dp.engine import DPSettings
 
     data = _split()
-    dp = DPSettings(noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=1.0, max_physical_batch=16)
-    _, params = _one_step(data, True, dp=dp)
-    reference = _reference_step(data, training_weights(data), lr=0.5)
-    for k in reference:
-        torch.testing.assert_close(params[k], reference[k], rtol=1e-4, atol=1e-5)
-    _, unweighted = _one_step(data, False, dp=dp)
-    assert not torch.allclose(unweighted["1.weight"], params["1.weight"])
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, max_physical_batch=16)
+    with pytest.raises(ConfigError, match="group-reweight is refused with DP-SGD"):
+        _one_step(data, True, dp=dp)
+    _one_step(data, False, dp=dp)  # DP without reweighting trains
+    with pytest.raises(ConfigError, match="group-reweight"):
+        StudyConfig(group_reweight=True, epsilon=8.0)
 
 
 def test_data_without_groups_is_refused_before_and_during_training():

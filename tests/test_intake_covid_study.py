@@ -49,6 +49,8 @@ def test_covid_sites_check_then_federated_study(shared_data, tmp_path):
         usable += report["usable"]
     assert usable == 142 - 28  # the 28 upstream 'todo' findings are outside the declared labels
 
+    for y in yamls:  # 4-8 test images per site: below the default min-eval-n (20), a site sends no metrics
+        y.write_text(y.read_text() + "min-eval-n: 2\n")
     run = tmp_path / "run"
     res = medfed("simulate", "--site-configs", ",".join(map(str, yamls)), "--rounds", "2",
                  "--image-size", "32", "--local-steps", "4", "--batch-size", "16", "--out", str(run), timeout=600)

@@ -7,10 +7,20 @@ Gaussian noise ``noise_multiplier * max_grad_norm``), and batches drawn by Poiss
 sampling (each record joins each step independently with probability ``sample_rate``,
 as the accountant assumes), split into physical batches of at most
 ``max_physical_batch`` by Opacus's ``BatchMemoryManager`` to bound memory.
+
+The noise and the Poisson draws come from the site's own secret randomness
+(:func:`secret_generator`: fresh ``os.urandom`` seeds, held only in this process's memory),
+never from the study's seed. The coordinator knows the seed, the round and the site id;
+if those determined the batches and the noise, it could replay them, subtract the noise
+and read the clipped gradient sum, and the site's ε would protect nothing. Opacus's
+``secure_mode`` noise (four Gaussian draws per coordinate) also defends against the
+floating-point attacks on the Gaussian sampler. A DP round is therefore not reproducible:
+its weights differ run to run, its accounting does not.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,22 +78,38 @@ def _torch_optimizer(params, optimizer: str, lr: float, momentum: float, weight_
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from ``os.urandom``: nothing the server sends or receives determines it.
+
+    The seed is drawn from the operating system's CSPRNG and kept nowhere but in this
+    generator, which lives for one round in the site's own process.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)  # a 63-bit seed
+    return generator
+
+
 def private_plan(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, dp: DPSettings,
-                 optimizer: str, lr: float, momentum: float, weight_decay: float,
-                 generator: torch.Generator) -> PrivatePlan:
-    """Wrap ``model`` and draw ``steps`` Poisson batches (physical chunks yielded in order)."""
+                 optimizer: str, lr: float, momentum: float, weight_decay: float) -> PrivatePlan:
+    """Wrap ``model`` and draw ``steps`` Poisson batches (physical chunks yielded in order).
+
+    Sampling and noise use fresh secret generators (:func:`secret_generator`), the noise one
+    on the model's device.
+    """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     n = int(labels.shape[0])
     expected = max(1, round(dp.sample_rate * n))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     opt = DPOptimizer(
         _torch_optimizer(gsm.parameters(), optimizer, lr, momentum, weight_decay),
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=expected, loss_reduction="mean", generator=None,
+        expected_batch_size=expected, loss_reduction="mean",
+        generator=secret_generator(device), secure_mode=True,
     )
-    return PrivatePlan(gsm, opt, _batches(images, labels, steps, dp, opt, generator))
+    return PrivatePlan(gsm, opt, _batches(images, labels, steps, dp, opt, secret_generator()))
 
 
 def _batches(images, labels, steps, dp, opt, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,23 +6,74 @@ the planned schedule, and the Opacus history of ``(σ, q, steps)``. Before a rou
 asks :meth:`PrivacyLedger.project` what ε the planned steps would reach and refuses the
 round if that exceeds the budget; the steps are then recorded *before* training
 (write-ahead), so a crash mid-round over-counts, never under-counts.
+
+Load, project, charge and save happen under an exclusive ``fcntl.flock`` on
+``privacy-ledger.lock`` (:func:`hold_lock`), so two processes at one site cannot both
+read the same ledger and each save one charge. Each charge is also an entry of the site's
+hash-chained audit trail; the ledger records that entry's ``seq`` and ``hash``
+(``trail_seq``, ``trail_hash``) and its count of charges, so a ledger that was deleted,
+rolled back to an old copy or edited no longer matches the trail (``client/privacy.py``
+checks this). ``pending`` marks a charge saved but not yet bound to its trail entry.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from medfed.common.atomic import atomic_write_text
 from medfed.common.constants import BUDGET_EXHAUSTED
 from medfed.common.dp.accounting import epsilon_of
-from medfed.common.errors import DataError
+from medfed.common.errors import DataError, MedfedError
 
 LEDGER_FILE = "privacy-ledger.json"
-LEDGER_VERSION = 1
+LEDGER_LOCK = "privacy-ledger.lock"
+LEDGER_VERSION = 2  # 2: bound to the site's audit trail (trail_seq, trail_hash, pending, charges)
+_READABLE_VERSIONS = (1, 2)
+_POLL_S = 0.05
+
+
+class LockBusy(MedfedError):
+    """Another process holds the lock and did not release it within the wait."""
+
+
+@contextmanager
+def hold_lock(path: str | Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    ``wait_s=None`` waits as long as it takes; otherwise :class:`LockBusy` after ``wait_s`` seconds.
+    The lock is released when the block ends, and by the kernel if the process dies.
+    """
+    if wait_s is not None and wait_s < 0:
+        raise ValueError(f"wait_s={wait_s} must be >= 0 seconds (or None to wait as long as it takes)")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        if wait_s is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(f"{p} is held by another process (waited {wait_s:g}s)") from None
+                    time.sleep(_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class BudgetExhausted(Exception):
@@ -40,10 +91,18 @@ class PrivacyLedger:
     study: str = ""  # the study the noise was calibrated for (client.privacy.study_key)
     history: tuple[tuple[float, float, int], ...] = ()
     rounds: tuple[dict[str, Any], ...] = field(default_factory=tuple)  # {"round", "steps", "epsilon"}
+    trail_seq: int = 0  # seq of the site audit trail's entry for the latest bound charge (0: none)
+    trail_hash: str = ""  # that entry's hash
+    pending: bool = False  # the latest charge is saved but not yet bound to its trail entry
 
     @property
     def steps(self) -> int:
         return sum(n for _, _, n in self.history)
+
+    @property
+    def charges(self) -> int:
+        """How many rounds were charged to this ledger."""
+        return len(self.rounds)
 
     def spent(self) -> float:
         return epsilon_of(self.history, self.delta, self.accountant)
@@ -64,7 +123,14 @@ class PrivacyLedger:
             self,
             history=(*self.history, (float(noise_multiplier), float(sample_rate), int(steps))),
             rounds=(*self.rounds, {"round": int(server_round), "steps": int(steps), "epsilon": after}),
+            pending=True,
         )
+
+    def bound(self, trail_seq: int, trail_hash: str) -> PrivacyLedger:
+        """The ledger whose latest charge is the trail entry ``trail_seq`` with hash ``trail_hash``."""
+        if trail_seq < 1 or not trail_hash:
+            raise ValueError(f"trail_seq={trail_seq} must be >= 1 and trail_hash non-empty")
+        return replace(self, trail_seq=int(trail_seq), trail_hash=str(trail_hash), pending=False)
 
     def with_budget(self, epsilon: float, delta: float) -> PrivacyLedger:
         """The ledger with the lower of its budget and (ε, δ): a budget is never raised."""
@@ -75,7 +141,7 @@ class PrivacyLedger:
         d = asdict(self)
         d["history"] = [list(h) for h in self.history]
         d["rounds"] = list(self.rounds)
-        return {"version": LEDGER_VERSION, **d, "epsilon-spent": self.spent()}
+        return {"version": LEDGER_VERSION, **d, "charges": self.charges, "epsilon-spent": self.spent()}
 
     def save(self, state_dir: str | Path) -> Path:
         path = Path(state_dir) / LEDGER_FILE
@@ -89,8 +155,8 @@ class PrivacyLedger:
             return None
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-            if d.get("version") != LEDGER_VERSION:
-                raise ValueError(f"version {d.get('version')} (expected {LEDGER_VERSION})")
+            if d.get("version") not in _READABLE_VERSIONS:
+                raise ValueError(f"version {d.get('version')} (expected one of {_READABLE_VERSIONS})")
             ledger = cls(
                 epsilon_budget=float(d["epsilon_budget"]), delta=float(d["delta"]),
                 accountant=str(d["accountant"]),
@@ -100,12 +166,35 @@ class PrivacyLedger:
                 study=str(d.get("study", "")),
                 history=tuple((float(s), float(q), int(n)) for s, q, n in d["history"]),
                 rounds=tuple(dict(r) for r in d["rounds"]),
+                trail_seq=int(d.get("trail_seq", 0)),
+                trail_hash=str(d.get("trail_hash", "")),
+                pending=bool(d.get("pending", False)),
             )
+            if "charges" in d and int(d["charges"]) != ledger.charges:
+                raise ValueError(f"it counts {d['charges']} charges but lists {ledger.charges} rounds")
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(
                 f"{path} is unreadable ({exc}): the site's privacy ledger must not be guessed; "
-                "restore it from backup, or retire this site's budget"
+                "restore it from backup, or for a genuinely new dataset retire it with "
+                "'medfed site privacy reset --config site.yaml --i-understand'"
             ) from exc
         if not math.isfinite(ledger.spent()):
             raise DataError(f"{path}: the recorded history gives a non-finite epsilon")
         return ledger
+
+
+def retire_ledger(state_dir: str | Path) -> Path | None:
+    """Rename the ledger to ``privacy-ledger.retired-<UTC time>.json`` (never delete it); None if none.
+
+    Call it under :func:`hold_lock` on :data:`LEDGER_LOCK`; an existing retired file is never overwritten.
+    """
+    path = Path(state_dir) / LEDGER_FILE
+    if not path.exists():
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 1000):
+        target = path.with_name(f"privacy-ledger.retired-{stamp}{'' if n == 1 else f'-{n}'}.json")
+        if not target.exists():
+            os.rename(path, target)
+            return target
+    raise MedfedError(f"{path.parent} already holds 999 ledgers retired at {stamp}: move some aside")

@@ -81,11 +81,10 @@ def require_dp_ready(disc: nn.Module) -> None:
 
 
 def private_discriminator(disc: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
-                          dp: DPSettings, lr: float, betas: tuple[float, float],
-                          generator: torch.Generator) -> PrivateDiscriminator:
+                          dp: DPSettings, lr: float, betas: tuple[float, float]) -> PrivateDiscriminator:
     """Wrap ``disc`` for DP-SGD with Adam(``lr``, ``betas``) and ``steps`` Poisson batches."""
     require_dp_ready(disc)
-    plan = private_plan(disc, images, labels, steps, dp, "adam", lr, 0.0, 0.0, generator)
+    plan = private_plan(disc, images, labels, steps, dp, "adam", lr, 0.0, 0.0)
     for group in plan.optimizer.param_groups:
         group["betas"] = betas
     counter = NoisyStepCounter()

@@ -190,7 +190,7 @@ def _private_steps(loop: _Loop, disc: Discriminator, data: ImageSplit, dp: DPSet
 
     s = loop.settings
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
-    private = private_discriminator(disc, images, labels, s.steps, dp, s.lr_d, s.betas, loop.rng)
+    private = private_discriminator(disc, images, labels, s.steps, dp, s.lr_d, s.betas)
     try:
         for x, y in private.batches:  # physical chunks of Poisson batches
             private.optimizer.zero_grad(set_to_none=True)

@@ -9,8 +9,10 @@ functional groups. Colour DICOM (RGB, YBR converted to RGB by pydicom, PALETTE C
 returned as RGB without Modality/VOI LUT.
 
 Files that are truncated, have no pixel data (structured reports, DICOMDIR) or need a
-missing decoder plugin raise :class:`ReadError` with a one-line reason and fix. pydicom is
-imported inside the functions that need it.
+missing decoder plugin raise :class:`ReadError` with a one-line reason and fix. A file whose
+header declares more than ``ReadSettings.max_pixels`` pixels (Rows x Columns x
+NumberOfFrames) is refused (:class:`~.image_types.TooManyPixels`) before its pixel data is
+decoded. pydicom is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from medfed.common.intake.image_types import (
     ImageMeta,
     ReadError,
     ReadSettings,
+    check_pixels,
     frame_index,
     pixel_digest,
     positive_spacing,
@@ -183,6 +186,17 @@ def _num_frames(ds: Dataset) -> int:
         ) from exc
 
 
+def _rows_columns(ds: Dataset) -> tuple[int, int]:
+    """Rows and Columns as declared; ReadError when they are not whole numbers."""
+    try:
+        return int(ds.Rows), int(ds.Columns)
+    except (TypeError, ValueError) as exc:
+        raise ReadError(
+            f"invalid Rows/Columns {ds.get('Rows')!r}/{ds.get('Columns')!r}: they must be whole "
+            "numbers; fix or re-export the file"
+        ) from exc
+
+
 def _photometric(ds: Dataset) -> str:
     return _tag_str(ds, "PhotometricInterpretation").upper()
 
@@ -233,6 +247,8 @@ def read_dicom(path: Path, settings: ReadSettings) -> tuple[np.ndarray, ImageMet
     ds = _dcmread(path, header_only=False)
     _check_has_pixels(ds, header_only=False)
     num_frames = _num_frames(ds)
+    frames = (num_frames,) if num_frames > 1 else ()
+    check_pixels((*_rows_columns(ds), *frames), settings.max_pixels)  # from the header: nothing decoded
     frame = frame_index(settings.frame, num_frames)
     raw = _decode_dicom(ds, frame if num_frames > 1 else None, path)
     image = _dicom_values(raw, ds, frame, settings)

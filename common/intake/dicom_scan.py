@@ -7,7 +7,8 @@ It returns a :class:`~medfed.common.intake.manifest.Manifest` whose ``problems``
 every skipped file and dropped labels row.
 
 Nothing here decodes pixels: QC does that. The folder must be inside the site's data
-root, and links that leave the root are skipped. pydicom is imported lazily so that
+root, and links that leave the root are skipped (both checked with
+:func:`~medfed.common.intake.paths.confined`). pydicom is imported lazily so that
 importing this module stays fast.
 """
 
@@ -41,6 +42,7 @@ from medfed.common.intake.manifest import (
     read_table,
     require_columns,
 )
+from medfed.common.intake.paths import OutsideDataRoot, confined, root_relative
 
 __all__ = ["DEFAULT_ATTRIBUTE_TAGS", "JOIN_KEYS", "scan_dicom_folder"]
 
@@ -316,28 +318,26 @@ def _folder_inside_root(folder: Path, data_root: Path) -> tuple[Path, str]:
         raise ManifestError(
             f"DICOM folder {folder} not found or not a folder; check the path in the site config"
         )
-    resolved, root = folder.resolve(), Path(data_root).resolve()
     try:
-        rel = resolved.relative_to(root).as_posix()
-    except ValueError:
+        resolved = confined(folder, data_root)
+    except OutsideDataRoot:
         raise ManifestError(
-            f"DICOM folder {folder} is not inside the data root {root}: a site reads only its data root; "
-            "move the folder there or change the data root"
+            f"DICOM folder {folder} is not inside the data root {Path(data_root).resolve()}: a site reads "
+            "only its data root; move the folder there or change the data root"
         ) from None
-    return resolved, rel
+    return resolved, root_relative(resolved, Path(data_root).resolve())
 
 
 def _scan_file(
     path: Path, root: Path, rel: str, tag: str, keywords: Sequence[str]
 ) -> tuple[str, dict[str, str]] | RowProblem:
     """Header values of one file with its join value, or why it is skipped."""
+    try:
+        confined(path, root)
+    except OutsideDataRoot as exc:
+        return RowProblem(0, "path-escapes-root", f"{rel}: {exc}")
     if not path.is_file():
         return _unreadable(rel, "not a regular file (a broken link, a device or a pipe)")
-    if not path.resolve().is_relative_to(root):
-        return RowProblem(
-            0, "path-escapes-root",
-            f"{rel}: symbolic link to a file outside the data root; copy the file into the data root instead",
-        )
     values = _read_header(path, rel, keywords)
     if isinstance(values, RowProblem):
         return values
@@ -374,7 +374,7 @@ def scan_dicom_folder(
     problems = list(labels.problems)
     used: set[str] = set()
     for path in _dicom_files(resolved):
-        rel = path.relative_to(root).as_posix()
+        rel = root_relative(path, root)
         scanned = _scan_file(path, root, rel, tag, keywords)
         if isinstance(scanned, RowProblem):
             problems.append(scanned)

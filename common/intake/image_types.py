@@ -2,7 +2,9 @@
 
 The backends (``dicom_image``, ``raster_image``, ``nifti_image``, ``npy_image``) import
 from here and :mod:`.readers` re-exports the public names, so there are no import cycles.
-Only numpy is imported: no heavy libraries.
+Only numpy (and the default limit from ``site_config``) is imported: no heavy libraries.
+:func:`check_pixels` is the one pixel cap (``max-image-pixels``) that every backend applies
+to the dimensions a file's header declares, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from medfed.common.errors import ConfigError, DataError
+from medfed.common.site_config import DEFAULT_MAX_IMAGE_PIXELS
 
 DICOM_CODECS_HINT = "pip install 'medfed[dicom-codecs]'"
 NIFTI_HINT = "pip install 'medfed[nifti]'"
@@ -28,6 +31,10 @@ class ReadError(DataError):
     """A file that cannot be used; ``str(e)`` is a one-line reason WITHOUT the file path."""
 
 
+class TooManyPixels(ReadError):
+    """A file whose header declares more pixels than ``max-image-pixels`` allows (refused, not decoded)."""
+
+
 @dataclass(frozen=True)
 class ReadSettings:
     """How to turn a file into an image.
@@ -35,13 +42,16 @@ class ReadSettings:
     ``window_center``/``window_width``: a configured VOI window (both or neither) in modality
     units (e.g. HU); it overrides the window stored in a DICOM file. ``frame``: which frame
     of a multi-frame DICOM (or slice along the last axis of a 3D NIfTI) to read; ``-1`` is
-    the middle one (index ``num_frames // 2``). Invalid values raise ConfigError (a
-    ValueError).
+    the middle one (index ``num_frames // 2``). ``max_pixels``: the site's
+    ``max-image-pixels``; a file whose header declares more pixels (rows x columns, times
+    frames or slices) is refused before decoding (:class:`TooManyPixels`). Invalid values
+    raise ConfigError (a ValueError).
     """
 
     window_center: float | None = None
     window_width: float | None = None
     frame: int = -1
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         if (self.window_center is None) != (self.window_width is None):
@@ -56,6 +66,12 @@ class ReadSettings:
             raise ConfigError(
                 f"invalid frame {self.frame!r}: it must be a frame index >= 0, or -1 for the "
                 "middle frame"
+            )
+        limit = self.max_pixels
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+            raise ConfigError(
+                f"invalid max_pixels {self.max_pixels!r}: it must be a whole number of pixels >= 1 "
+                "(site.yaml max-image-pixels)"
             )
 
     @property
@@ -116,6 +132,27 @@ def short_reason(exc: BaseException, path: Path) -> str:
     if len(text) > _MAX_REASON:
         text = text[: _MAX_REASON - 3] + "..."
     return text
+
+
+def check_pixels(dims: tuple[int, ...], max_pixels: int) -> None:
+    """TooManyPixels if the pixel count of ``dims`` (from a header) exceeds ``max_pixels``.
+
+    Call it with the dimensions the header declares, before decoding: a tiny compressed
+    file can declare an image that takes gigabytes once decoded.
+    """
+    count = math.prod(int(n) for n in dims)
+    if count > max_pixels:
+        raise too_many_pixels(count, max_pixels, "x".join(str(int(n)) for n in dims))
+
+
+def too_many_pixels(count: int | str, max_pixels: int, dims: str = "") -> TooManyPixels:
+    """The refusal of a file declaring ``count`` pixels (``dims``: as declared, e.g. '12000x12000')."""
+    declared = f"the header declares {dims}" if dims else "refused from the header"
+    return TooManyPixels(
+        f"{count} pixels exceeds max-image-pixels={max_pixels} (site.yaml): {declared} and the "
+        "file was not decoded; downsample the image, or raise max-image-pixels if such images "
+        "are expected"
+    )
 
 
 def frame_index(frame: int, num_frames: int) -> int:

@@ -3,6 +3,10 @@
 A 2D image is read as is; for 3D and 4D images one slice along the third axis
 (``ReadSettings.frame``, the middle one by default) of the first volume is read. nibabel is
 an optional dependency, imported inside the functions that need it.
+
+nibabel reads the header first and the voxels only when sliced, so :func:`read_nifti` checks
+the declared shape (rows x columns x slices of one volume) against ``ReadSettings.max_pixels``
+before any voxel is read or decompressed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from medfed.common.intake.image_types import (
     ImageMeta,
     ReadError,
     ReadSettings,
+    check_pixels,
     frame_index,
     plain_meta,
     positive_spacing,
@@ -75,6 +80,7 @@ def read_nifti(path: Path, settings: ReadSettings) -> tuple[np.ndarray, ImageMet
     """The selected slice (``settings.frame``) of the first volume, and the metadata."""
     img = _nib_load(path)
     shape, num_frames = _nifti_layout(img)
+    check_pixels((*shape, num_frames) if len(img.shape) >= 3 else shape, settings.max_pixels)
     index = frame_index(settings.frame, num_frames)
     ndim = len(img.shape)
     slicer: tuple[Any, ...] = (slice(None), slice(None))

@@ -3,6 +3,8 @@
 The report is plain JSON-able data (counts, distributions, and one entry per problem
 with the file's path relative to the data root) plus :func:`format_qc`, a readable
 table. It is written at the site for the site's staff; it is never sent anywhere.
+Files the site *refuses* to read (``problems.refused``: a link out of the data root, or a
+header declaring more than ``max-image-pixels``) are listed apart from unreadable ones.
 Problems are *fatal* when training cannot start (no usable image, no label column, no
 training image) and *warnings* otherwise. Reading goes through the same code and the same
 preprocessing cache as training, so a check also warms the cache for the first round.
@@ -18,7 +20,12 @@ from typing import Any
 from medfed.common.intake.manifest import ManifestError
 from medfed.common.intake.patient_split import patients_in_several_splits
 from medfed.common.intake.site_dataset import duplicate_reason
-from medfed.common.intake.site_images import ImageRecord, read_site
+from medfed.common.intake.site_images import (
+    MISSING_FILE,
+    REFUSALS,
+    ImageRecord,
+    read_site,
+)
 from medfed.common.site_config import SiteConfig
 
 
@@ -83,7 +90,7 @@ def check_site(site: SiteConfig) -> QCReport:
 
 def _classify(site: SiteConfig, records: list[ImageRecord], report: QCReport) -> list[ImageRecord]:
     """Sort records into usable ones and problem lists (the training policy, itemised)."""
-    missing, unreadable, outside = [], [], Counter()
+    missing, unreadable, refused, outside = [], [], [], Counter()
     dup_groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     labels_by_path: dict[str, set[str]] = defaultdict(set)
     seen_uids: set[str] = set()
@@ -95,7 +102,10 @@ def _classify(site: SiteConfig, records: list[ImageRecord], report: QCReport) ->
         if rec.error:
             code, _, reason = rec.error.partition(": ")
             entry = {"line": rec.row.line, "path": rec.row.path, "reason": reason}
-            (missing if code == "missing-file" else unreadable).append(entry)
+            if code in REFUSALS:
+                refused.append({**entry, "kind": code})
+            else:
+                (missing if code == MISSING_FILE else unreadable).append(entry)
             continue
         if rec.row.label not in site.labels:
             outside[rec.row.label] += 1
@@ -115,6 +125,7 @@ def _classify(site: SiteConfig, records: list[ImageRecord], report: QCReport) ->
         usable.append(rec)
     report.problems["missing-files"] = missing
     report.problems["unreadable"] = unreadable
+    report.problems["refused"] = refused
     report.problems["labels-outside-set"] = dict(outside)
     report.problems["duplicates"] = [
         {"kind": kind, "kept": paths[0], "skipped": paths[1:]} for (kind, _), paths in dup_groups.items()
@@ -158,13 +169,14 @@ def _judge(site: SiteConfig, report: QCReport, attribute_names: tuple[str, ...])
     p = report.problems
     if report.usable == 0:
         report.fatal.append(
-            f"no usable image among {report.rows} manifest rows: see missing-files, unreadable "
-            "and labels-outside-set"
+            f"no usable image among {report.rows} manifest rows: see missing-files, unreadable, "
+            "refused and labels-outside-set"
         )
     elif not report.counts["split"].get("train"):
         report.fatal.append("no usable training image: check the split column or split-fractions")
     for key, what in (("manifest", "manifest rows dropped"), ("missing-files", "rows point at missing files"),
-                      ("unreadable", "files unreadable"), ("duplicates", "duplicated images skipped"),
+                      ("unreadable", "files unreadable"), ("refused", "files refused (not read)"),
+                      ("duplicates", "duplicated images skipped"),
                       ("label-conflicts", "paths with conflicting labels"),
                       ("patients-in-several-splits", "patients in more than one split")):
         if p[key]:
@@ -203,6 +215,8 @@ def format_qc(report: QCReport) -> str:
         lines.append(f"  {key}: " + ", ".join(f"{v} ({n})" for v, n in shown) + more)
     for entry in report.problems.get("unreadable", [])[:20]:
         lines.append(f"  unreadable: {entry['path']}: {entry['reason']}")
+    for entry in report.problems.get("refused", [])[:20]:
+        lines.append(f"  refused: {entry['path']}: {entry['reason']}")
     for entry in report.problems.get("missing-files", [])[:20]:
         lines.append(f"  missing file: {entry['path']} (line {entry['line']})")
     lines += [f"  WARNING {w}" for w in report.warnings]

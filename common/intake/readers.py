@@ -11,7 +11,11 @@ format: :mod:`.dicom_image` (pydicom: LUTs, VOI windows, frames, codecs), :mod:`
 live in :mod:`.image_types` and are re-exported here.
 
 Every problem with a file is a :class:`ReadError` whose message is one line with the reason
-and the fix, *without* the file path (the caller adds it). Heavy libraries (pydicom,
+and the fix, *without* the file path (the caller adds it). :func:`read_image` refuses a file
+whose header declares more than ``ReadSettings.max_pixels`` pixels (site.yaml
+``max-image-pixels``) before decoding it (:class:`TooManyPixels`, a ReadError). Paths are
+not confined here: callers that take paths from a manifest or a folder scan check them
+with :func:`medfed.common.intake.paths.confined` first. Heavy libraries (pydicom,
 Pillow, nibabel) are imported inside the functions that need them, so importing this module
 is cheap.
 """
@@ -34,6 +38,7 @@ from medfed.common.intake.image_types import (
     ImageMeta,
     ReadError,
     ReadSettings,
+    TooManyPixels,
     pixel_digest,
 )
 from medfed.common.intake.nifti_image import read_nifti, read_nifti_header
@@ -48,6 +53,7 @@ __all__ = [
     "ImageMeta",
     "ReadError",
     "ReadSettings",
+    "TooManyPixels",
     "detect_kind",
     "read_header",
     "read_image",
@@ -79,8 +85,8 @@ _HEADER_READERS: dict[str, Callable[[Path], ImageMeta]] = {
 
 _IMAGE_READERS: dict[str, Callable[[Path, ReadSettings], tuple[np.ndarray, ImageMeta]]] = {
     "dicom": read_dicom,
-    "png": lambda path, _settings: read_raster(path, "png"),
-    "jpeg": lambda path, _settings: read_raster(path, "jpeg"),
+    "png": lambda path, settings: read_raster(path, "png", settings.max_pixels),
+    "jpeg": lambda path, settings: read_raster(path, "jpeg", settings.max_pixels),
     "nifti": read_nifti,
     "npy": read_npy,
 }

@@ -4,8 +4,12 @@
 patient-level splits where the manifest has none, and yields one :class:`ImageRecord`
 per row: the preprocessed image, or the reason it cannot be used. A bad file is a record
 with an ``error``, never an exception, so a QC run lists it and a training round skips
-it. Files are opened read-only; the preprocessing cache is written to the site's state
-directory only.
+it. Two kinds of file are *refused* rather than read: one whose real location (symbolic
+links followed) is outside ``data-root`` (:func:`~medfed.common.intake.paths.confined`),
+and one whose header declares more pixels than ``max-image-pixels``. Refusals are logged
+at the site with the path relative to the data root, never the absolute path or a link's
+target. Files are opened read-only; the preprocessing cache is written to the site's
+state directory only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from medfed.common.intake.ages import AgeBands, bin_ages
 from medfed.common.intake.cache import PreprocessCache
 from medfed.common.intake.dicom_scan import scan_dicom_folder
 from medfed.common.intake.manifest import Manifest, ManifestRow, read_manifest
+from medfed.common.intake.paths import OutsideDataRoot, confined
 from medfed.common.intake.patient_split import assign_splits
 from medfed.common.intake.preprocess import PreprocessSettings
 from medfed.common.intake.readers import ReadSettings
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 
 MISSING_FILE = "missing-file"
 UNREADABLE = "unreadable"
+OUTSIDE_DATA_ROOT = "outside-data-root"  # refused: the file (a link's target) is outside data-root
+TOO_MANY_PIXELS = "too-many-pixels"  # refused: the header declares more than max-image-pixels
+REFUSALS = (OUTSIDE_DATA_ROOT, TOO_MANY_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,15 @@ def target_settings(site: SiteConfig, image_size: int = 0, channels: int = 0) ->
 
 
 def read_settings(site: SiteConfig) -> ReadSettings:
-    return ReadSettings(window_center=site.window_center, window_width=site.window_width, frame=site.frame)
+    return ReadSettings(window_center=site.window_center, window_width=site.window_width, frame=site.frame,
+                        max_pixels=site.max_image_pixels)
 
 
 def site_cache(site: SiteConfig, target: PreprocessSettings) -> PreprocessCache:
     rs = read_settings(site)
-    token = f"{rs.window_center}|{rs.window_width}|{rs.frame}|{target.image_size}|{target.channels}"
+    # max_pixels is in the token so that entries cached under a higher (or no) limit are not reused
+    token = (f"{rs.window_center}|{rs.window_width}|{rs.frame}|{target.image_size}|{target.channels}"
+             f"|{rs.max_pixels}")
     return PreprocessCache(
         Path(site.state_dir) / "cache" / "preprocessed", int(site.cache_max_mb * 1e6), token
     )
@@ -96,13 +107,23 @@ def iter_site_images(
     root = Path(site.data_root)
     settings = read_settings(site)
     for row, split in zip(manifest.rows, splits):
-        yield _read_row(root / row.path, row, split, settings, target, cache)
+        yield _read_row(root, row, split, settings, target, cache)
 
 
-def _read_row(path: Path, row: ManifestRow, split: str, settings: ReadSettings,
+def _refused(row: ManifestRow, split: str, code: str, reason: str) -> ImageRecord:
+    log.warning("refused %s: %s", row.path, reason)  # relative to data-root; stays at the site
+    return ImageRecord(row, split, None, error=f"{code}: {reason}")
+
+
+def _read_row(root: Path, row: ManifestRow, split: str, settings: ReadSettings,
               target: PreprocessSettings, cache: PreprocessCache | None) -> ImageRecord:
-    from medfed.common.intake.readers import ReadError, read_image
+    from medfed.common.intake.readers import ReadError, TooManyPixels, read_image
 
+    path = root / row.path
+    try:
+        confined(path, root)
+    except OutsideDataRoot as exc:
+        return _refused(row, split, OUTSIDE_DATA_ROOT, str(exc))
     if not path.is_file():
         return ImageRecord(row, split, None, error=f"{MISSING_FILE}: no such file")
     if cache is not None:
@@ -112,6 +133,8 @@ def _read_row(path: Path, row: ManifestRow, split: str, settings: ReadSettings,
     try:
         raw, meta = read_image(path, settings)
         image = _preprocess(raw, target)
+    except TooManyPixels as exc:
+        return _refused(row, split, TOO_MANY_PIXELS, str(exc))
     except ReadError as exc:
         return ImageRecord(row, split, None, error=f"{UNREADABLE}: {exc}")
     except (ValueError, OSError, MemoryError) as exc:  # a reader edge case must not stop the site

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from medfed.common.errors import DataError
-from medfed.common.intake.image_types import short_reason
+from medfed.common.intake.image_types import TooManyPixels, check_pixels, short_reason
 from medfed.common.intake.readers import ReadError, ReadSettings, detect_kind
 from medfed.common.segmentation.data import to_label_mask
 
@@ -55,18 +55,23 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(mask[np.ix_(rows, cols)])
 
 
-def _png(path: Path, _settings: ReadSettings | None) -> np.ndarray:
+def _png(path: Path, settings: ReadSettings | None) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path, formats=("PNG",)) as img:
+        img = Image.open(path, formats=("PNG",))  # lazy: only the header is read
+    except Exception as exc:  # Pillow raises many types on corrupt input (and its own bomb check)
+        raise ReadError(f"unreadable PNG mask: {short_reason(exc, path)}; re-export it") from exc
+    with img:
+        check_pixels(img.size, (settings or ReadSettings()).max_pixels)  # before anything is decoded
+        try:
             img.load()
             img = ImageOps.exif_transpose(img)  # the same orientation read_image gives the image
             if img.mode in ("LA", "PA"):
                 img = img.getchannel(0)
             arr = np.asarray(img)
-    except Exception as exc:  # Pillow raises many types on corrupt input
-        raise ReadError(f"unreadable PNG mask: {short_reason(exc, path)}; re-export it") from exc
+        except Exception as exc:  # Pillow raises many types on corrupt input
+            raise ReadError(f"unreadable PNG mask: {short_reason(exc, path)}; re-export it") from exc
     if arr.ndim == 3:  # RGB(A): usable only when it is gray in disguise
         if not (arr[..., :3] == arr[..., :1]).all():
             raise ReadError(
@@ -83,9 +88,15 @@ def _nifti(path: Path, settings: ReadSettings | None) -> np.ndarray:
     return read_nifti(path, settings or ReadSettings())[0]
 
 
-def _npy(path: Path, _settings: ReadSettings | None) -> np.ndarray:
+def _npy(path: Path, settings: ReadSettings | None) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")  # mapped: only the header is read
+        if isinstance(arr, np.ndarray):
+            spatial = arr.shape[1:3] if arr.ndim == 3 and arr.shape[0] == 1 else arr.shape[:2]
+            check_pixels(spatial, (settings or ReadSettings()).max_pixels)
+            arr = np.array(arr)
+    except TooManyPixels:
+        raise
     except Exception as exc:  # numpy raises ValueError/OSError/EOFError on bad files
         raise ReadError(f"unreadable .npy mask: {short_reason(exc, path)}; save it with numpy.save") from exc
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
@@ -95,11 +106,16 @@ def _npy(path: Path, _settings: ReadSettings | None) -> np.ndarray:
     return arr
 
 
-def _dicom(path: Path, _settings: ReadSettings | None) -> np.ndarray:
+def _dicom(path: Path, settings: ReadSettings | None) -> np.ndarray:
     import pydicom
 
     try:
-        arr = np.asarray(pydicom.dcmread(path).pixel_array)
+        ds = pydicom.dcmread(path)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        check_pixels((int(ds.Rows), int(ds.Columns), frames), (settings or ReadSettings()).max_pixels)
+        arr = np.asarray(ds.pixel_array)  # decoded only after the header check
+    except TooManyPixels:
+        raise
     except Exception as exc:  # pydicom raises many types on corrupt or undecodable data
         raise ReadError(f"unreadable DICOM mask: {short_reason(exc, path)}; re-export it") from exc
     return arr

@@ -36,6 +36,7 @@ from medfed.common.intake.manifest import (
     read_table,
     require_columns,
 )
+from medfed.common.intake.paths import OutsideDataRoot, confined
 from medfed.common.intake.preprocess import PreprocessSettings, preprocess
 from medfed.common.intake.readers import ReadError, ReadSettings, read_image
 from medfed.common.segmentation.data import SegSplit
@@ -103,10 +104,10 @@ def _read_pair(line: int, record: dict[str, str], root: Path, target: Preprocess
         if isinstance(rel, RowProblem):
             return rel
         full = root / rel
-        if not full.resolve().is_relative_to(root.resolve()):
-            return RowProblem(line, "path-escapes-root",
-                              f"line {line} {column} '{rel}' resolves outside the data root (a symbolic "
-                              "link?); only files under the data root are read, so copy the file there")
+        try:
+            confined(full, root)
+        except OutsideDataRoot as exc:
+            return RowProblem(line, "path-escapes-root", f"line {line} {column} '{rel}' {exc}")
         files.append((rel, full))
     split = normalise_split(record.get(SPLIT, ""))
     if split is None:
