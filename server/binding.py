@@ -62,6 +62,11 @@ class SiteBinding:
         """The site id bound to ``node``, if any."""
         return self.site_of_node.get(node)
 
+    def name(self, failures: Iterable[Failure]) -> list[Failure]:
+        """``failures`` with the bound site id filled in where a reply carried none (an error reply)."""
+        return [f if f.site is not None or f.node not in self.site_of_node
+                else Failure(self.site_of_node[f.node], f.node, f.reason) for f in failures]
+
     def admit(self, replies: Iterable[Message], live_nodes: Callable[[], Iterable[int]]
               ) -> tuple[list[Message], list[Failure], list[BindingEvent]]:
         """The replies whose site claim is consistent with the binding, the refusals, the changes.

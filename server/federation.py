@@ -239,7 +239,7 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         admitted, refused, events = trail.binding.admit(train_replies, grid.get_node_ids)
         train_ok, failures = screen_train_replies(admitted, st.arrays, allow_subset=fedbn,
                                                   max_norm_ratio=cfg.max_update_norm_ratio)
-        failures = refused + failures
+        failures = trail.binding.name(refused + failures)
         capped = cap_weights(train_ok, cfg.max_site_weight_ratio)
         trail.train_round(rnd, train_msgs, train_replies, train_ok, failures, events, capped)
         if not train_ok and failures and all(BUDGET_EXHAUSTED in f.reason for f in failures):
@@ -324,7 +324,7 @@ def _screen_evaluation(grid: Grid, cfg: StudyConfig, trail: ServerAudit, rnd: in
     """Bind, screen and cap one evaluation phase's replies, and audit what was refused."""
     admitted, refused, events = trail.binding.admit(replies, grid.get_node_ids)
     per_site, failures = screen_evaluate_replies(admitted)
-    failures = refused + failures
+    failures = trail.binding.name(refused + failures)
     capped = cap_eval_weights(per_site, cfg.max_site_weight_ratio, trail.binding.node_of)
     trail.evaluation(rnd, phase, failures, events, capped)
     return per_site, failures, capped

@@ -162,3 +162,18 @@ def test_a_resumed_run_restores_the_binding_from_the_audit_trail(tmp_path):
     assert resumed.binding.node_of == {"a": 3, "b": 2}
     kept, refused, _ = resumed.binding.admit([_reply(1, "a")], lambda: [1, 2, 3])
     assert not kept and refused
+
+
+def test_an_error_reply_is_named_by_the_site_bound_to_its_node():
+    from flwr.app import Error
+
+    binding = SiteBinding()
+    binding.admit([_reply(7, "hosp-a")], lambda: [7])
+    error = Message(Error(code=1, reason="site hosp-a: DataError"), reply_to=_reply(7, None))
+    error.metadata.__dict__["_src_node_id"] = 7
+    kept, refused, _ = binding.admit([error], lambda: [7])
+    assert kept == [error] and not refused
+    from medfed.server.replies import screen_evaluate_replies
+
+    _, failures = screen_evaluate_replies(kept)
+    assert [f.site for f in failures] == [None] and [f.site for f in binding.name(failures)] == ["hosp-a"]
