@@ -18,33 +18,21 @@ Refusals are :class:`PublicSiteError`: the server learns which rule it broke, no
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from medfed.client.boundary import PublicSiteError
 from medfed.common.atomic import atomic_write_text
+from medfed.common.locks import hold_lock
 
 log = logging.getLogger(__name__)
 
 EVALUATIONS_FILE = "evaluations.json"
 MAX_EVALS_PER_MODEL = 2
 KEEP_RUNS = 50  # older runs' counts are dropped (a run is one study)
-
-
-@contextmanager
-def _locked(state_dir: Path) -> Iterator[Path]:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / f"{EVALUATIONS_FILE}.lock", "w", encoding="utf-8") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield state_dir / EVALUATIONS_FILE
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -64,7 +52,8 @@ def _read(path: Path) -> dict[str, Any]:
 def admit_evaluation(state_dir: Path, run_id: int, model_hash: str, threshold: float | None,
                      max_total: int) -> None:
     """Count this evaluation, or raise :class:`PublicSiteError` when a rule above refuses it."""
-    with _locked(Path(state_dir)) as path:
+    path = Path(state_dir) / EVALUATIONS_FILE
+    with hold_lock(path.with_name(f"{EVALUATIONS_FILE}.lock")):
         data = _read(path)
         run = data["runs"].setdefault(str(run_id), {"models": {}, "total": 0, "threshold": None})
         seen = int(run["models"].get(model_hash, 0))

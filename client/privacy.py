@@ -39,11 +39,10 @@ from medfed.common.dp.ledger import (
     LEDGER_FILE,
     LEDGER_LOCK,
     BudgetExhausted,
-    LockBusy,
     PrivacyLedger,
-    hold_lock,
 )
 from medfed.common.errors import DataError
+from medfed.common.locks import LockBusy, hold_lock
 
 log = logging.getLogger(__name__)
 

@@ -66,11 +66,10 @@ def reset_ledger(site_id: str, state_dir: str | Path, wait_s: float = RESET_WAIT
     from medfed.client.privacy import TRAINING_LOCK
     from medfed.common.dp.ledger import (
         LEDGER_LOCK,
-        LockBusy,
         PrivacyLedger,
-        hold_lock,
         retire_ledger,
     )
+    from medfed.common.locks import LockBusy, hold_lock
 
     state = Path(state_dir)
     try:

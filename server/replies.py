@@ -148,24 +148,30 @@ class Capped:
                 f"weighted as {self.weight:g}")
 
 
+def _weight_bound(weights: list[float], max_ratio: float) -> float | None:
+    """``max_ratio`` x the lower median of ``weights``; None when capping is off or has nothing to compare."""
+    if max_ratio <= 0 or len(weights) < 2:
+        return None
+    return max_ratio * sorted(weights)[(len(weights) - 1) // 2]
+
+
 def cap_weights(good: list[Message], max_ratio: float) -> list[Capped]:
     """Lower every ``num-examples`` above ``max_ratio`` x the round's lower median to that bound.
 
     Changes the replies' metric records in place (what the strategy then weighs by); 0: off.
     The lower median (``sorted(w)[(n - 1) // 2]``) is a weight an honest majority sent.
     """
-    if max_ratio <= 0 or len(good) < 2:
-        return []
     key = MetricKey.NUM_EXAMPLES.value
-    weights = sorted(float(m.content[RecordKey.METRICS.value][key]) for m in good)
-    bound = max_ratio * weights[(len(weights) - 1) // 2]
+    bound = _weight_bound([float(m.content[RecordKey.METRICS.value][key]) for m in good], max_ratio)
+    if bound is None:
+        return []
     capped: list[Capped] = []
     for msg in good:
         metrics = msg.content[RecordKey.METRICS.value]
         claimed = float(metrics[key])
         if claimed > bound:
-            metrics[key] = float(bound)
-            capped.append(Capped(site_of(msg) or "", msg.metadata.src_node_id, claimed, float(bound)))
+            metrics[key] = bound
+            capped.append(Capped(site_of(msg) or "", msg.metadata.src_node_id, claimed, bound))
     for c in capped:
         log.warning("site %s (node %s) claims num-examples=%g, more than max-site-weight-ratio=%g x the round's "
                     "median: weighted as %g", c.site, c.node, c.claimed, max_ratio, c.weight)
@@ -180,21 +186,20 @@ def cap_eval_weights(per_site: dict[str, dict], max_ratio: float, nodes: dict[st
     or the threshold alone by claiming a huge split. ``nodes``: site -> node, for the record.
     """
     key = MetricKey.NUM_EXAMPLES.value
-    weights = sorted(float(m.get(key, 0.0)) for m in per_site.values() if float(m.get(key, 0.0)) > 0)
-    if max_ratio <= 0 or len(weights) < 2:
+    bound = _weight_bound([w for m in per_site.values() if (w := float(m.get(key, 0.0))) > 0], max_ratio)
+    if bound is None:
         return []
-    bound = max_ratio * weights[(len(weights) - 1) // 2]
     capped: list[Capped] = []
     for site, metrics in per_site.items():
         claimed = float(metrics.get(key, 0.0))
         if claimed <= bound:
             continue
         factor = bound / claimed
-        metrics[key] = float(bound)
+        metrics[key] = bound
         for hist in (MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value):
             if hist in metrics:
                 metrics[hist] = [float(v) * factor for v in metrics[hist]]
-        capped.append(Capped(site, nodes.get(site, 0), claimed, float(bound)))
+        capped.append(Capped(site, nodes.get(site, 0), claimed, bound))
         log.warning("site %s claims %g validation samples, more than max-site-weight-ratio=%g x the median: "
                     "weighted as %g", site, claimed, max_ratio, bound)
     return capped

@@ -33,8 +33,9 @@ from medfed.common.cli import main
 from medfed.common.config import StudyConfig
 from medfed.common.constants import BUDGET_EXHAUSTED
 from medfed.common.dp.accounting import epsilon_of
-from medfed.common.dp.ledger import LEDGER_FILE, PrivacyLedger, hold_lock
+from medfed.common.dp.ledger import LEDGER_FILE, PrivacyLedger
 from medfed.common.errors import MedfedError
+from medfed.common.locks import hold_lock
 
 STEPS, N_TRAIN = 5, 160
 STUDY = {"local_steps": STEPS, "batch_size": 16}

@@ -8,7 +8,7 @@ round if that exceeds the budget; the steps are then recorded *before* training
 (write-ahead), so a crash mid-round over-counts, never under-counts.
 
 Load, project, charge and save happen under an exclusive ``fcntl.flock`` on
-``privacy-ledger.lock`` (:func:`hold_lock`), so two processes at one site cannot both
+``privacy-ledger.lock`` (:func:`medfed.common.locks.hold_lock`), so two processes at one site cannot both
 read the same ledger and each save one charge. Each charge is also an entry of the site's
 hash-chained audit trail; the ledger records that entry's ``seq`` and ``hash``
 (``trail_seq``, ``trail_hash``) and its count of charges, so a ledger that was deleted,
@@ -18,13 +18,9 @@ checks this). ``pending`` marks a charge saved but not yet bound to its trail en
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,41 +35,6 @@ LEDGER_FILE = "privacy-ledger.json"
 LEDGER_LOCK = "privacy-ledger.lock"
 LEDGER_VERSION = 2  # 2: bound to the site's audit trail (trail_seq, trail_hash, pending, charges)
 _READABLE_VERSIONS = (1, 2)
-_POLL_S = 0.05
-
-
-class LockBusy(MedfedError):
-    """Another process holds the lock and did not release it within the wait."""
-
-
-@contextmanager
-def hold_lock(path: str | Path, wait_s: float | None = None) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
-
-    ``wait_s=None`` waits as long as it takes; otherwise :class:`LockBusy` after ``wait_s`` seconds.
-    The lock is released when the block ends, and by the kernel if the process dies.
-    """
-    if wait_s is not None and wait_s < 0:
-        raise ValueError(f"wait_s={wait_s} must be >= 0 seconds (or None to wait as long as it takes)")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        if wait_s is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        else:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise LockBusy(f"{p} is held by another process (waited {wait_s:g}s)") from None
-                    time.sleep(_POLL_S)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 class BudgetExhausted(Exception):
@@ -186,7 +147,7 @@ class PrivacyLedger:
 def retire_ledger(state_dir: str | Path) -> Path | None:
     """Rename the ledger to ``privacy-ledger.retired-<UTC time>.json`` (never delete it); None if none.
 
-    Call it under :func:`hold_lock` on :data:`LEDGER_LOCK`; an existing retired file is never overwritten.
+    Call it under :func:`medfed.common.locks.hold_lock` on :data:`LEDGER_LOCK`; an existing retired file is never overwritten.
     """
     path = Path(state_dir) / LEDGER_FILE
     if not path.exists():
