@@ -25,6 +25,7 @@ from medfed.simulations.loopback import LocalDeployment
 log = logging.getLogger(__name__)
 
 KINDS = (  # (command-line fragment, kind), first match wins: the site launcher's command names the SuperNode too
+    ("medfed.common.guard", "guard"),  # medfed's guard around each daemon: its command line names the daemon too
     ("medfed.client.app_runner task", "clientapp"), ("medfed.client.app_runner launcher", "site-launcher"),
     ("flower-superlink", "superlink"), ("flower-supernode", "supernode"), ("flower-superexec", "superexec"),
     ("flwr-serverapp", "serverapp"), ("flwr-clientapp", "clientapp"),

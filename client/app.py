@@ -62,6 +62,13 @@ def _error_reply(msg: Message, context: Context, exc: Exception, site_id: str | 
     return Message(Error(code=ERROR_CODE_SITE, reason=public_reason(who, exc)), reply_to=msg)
 
 
+def _refused(msg: Message, context: Context, exc: Exception, site=None, trail=None) -> Message:
+    """The error reply for a task that failed, recorded in the site's audit trail when it was opened."""
+    if trail is not None:
+        trail.refused(exc)
+    return _error_reply(msg, context, exc, site.site_id if site else None)
+
+
 def _reply(msg: Message, content: RecordDict, site_id: str, trail=None) -> Message:
     """The reply, after the privacy boundary has checked every record in it; ``trail`` logs it."""
     from medfed.client.boundary import check_reply
@@ -79,8 +86,8 @@ def _reply(msg: Message, content: RecordDict, site_id: str, trail=None) -> Messa
 @app.train()
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training data."""
-    from medfed.client.site_data import resolve_site
     from medfed.client.audit import SiteAudit
+    from medfed.client.site_data import resolve_site
     from medfed.client.task import train_round
 
     site = trail = None
@@ -101,17 +108,41 @@ def handle_train(msg: Message, context: Context) -> Message:
         )
         return _reply(msg, content, site.site_id, trail)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
-        if trail is not None:
-            trail.refused(exc)
-        return _error_reply(msg, context, exc, site.site_id if site else None)
+        return _refused(msg, context, exc, site, trail)
+
+
+@app.query()
+def handle_query(msg: Message, context: Context) -> Message:
+    """Answer the server's ``describe`` query with the shape of this site's data (never its content)."""
+    from medfed.client.audit import SiteAudit
+    from medfed.client.boundary import PublicSiteError
+    from medfed.client.site_data import resolve_site, site_facts
+    from medfed.common.constants import QueryKind
+
+    site = trail = None
+    try:
+        cfg = _context_study(context)
+        config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
+        kind = config.get(ConfigKey.QUERY.value)
+        if kind != QueryKind.DESCRIBE.value:
+            raise PublicSiteError(f"unknown query {kind!r}: this site answers only {QueryKind.DESCRIBE.value!r}")
+        site = resolve_site(context.node_config, cfg)
+        trail = SiteAudit.received(site, cfg, msg, QueryKind.DESCRIBE.value)
+        content = RecordDict({
+            RecordKey.FACTS.value: ConfigRecord(site_facts(site, cfg).to_record()),
+            RecordKey.SITE.value: _site_record(site.site_id),
+        })
+        return _reply(msg, content, site.site_id, trail)
+    except Exception as exc:  # noqa: BLE001
+        return _refused(msg, context, exc, site, trail)
 
 
 @app.evaluate()
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation and test data."""
-    from medfed.client.site_data import resolve_site
     from medfed.client.audit import SiteAudit
     from medfed.client.eval_guard import admit_evaluation
+    from medfed.client.site_data import resolve_site
     from medfed.client.task import evaluate_round
     from medfed.common.hashing import arrays_hash
 
@@ -135,6 +166,4 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         )
         return _reply(msg, content, site.site_id, trail)
     except Exception as exc:  # noqa: BLE001
-        if trail is not None:
-            trail.refused(exc)
-        return _error_reply(msg, context, exc, site.site_id if site else None)
+        return _refused(msg, context, exc, site, trail)

@@ -15,7 +15,10 @@ context and the FAB, checks the FAB against site.yaml
 ``medfed.client.app.app``. It never unpacks the FAB nor puts it on ``sys.path``. A refused
 FAB is answered with an error reply naming its hash, and logged here.
 
-Task processes exit when the launcher exits.
+Task processes exit when the launcher exits (Flower's parent monitor), and the SuperNode
+gets SIGTERM when the launcher dies (``PR_SET_PDEATHSIG`` on Linux). ``medfed site start``
+runs the launcher under :mod:`medfed.common.guard`, which stops the launcher, the SuperNode
+and every task process when ``medfed site start`` dies, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from medfed.common.guard import die_with_parent
 
 log = logging.getLogger("medfed.client.app_runner")  # also when run as __main__
 
@@ -83,7 +89,8 @@ def run_launcher(address: str, site_yaml: Path, supernode_cmd: list[str], poll_s
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
 
-    supernode = subprocess.Popen(supernode_cmd)  # same process group: stopped together
+    # same process group: stopped together; no thread runs yet, so preexec_fn is safe here
+    supernode = subprocess.Popen(supernode_cmd, preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509
     if not _wait_for_runtime(address, supernode):
         return supernode.returncode
     client = _runtime_client(address, "SuperExec", max_tries=3)  # failures come back here

@@ -2,7 +2,8 @@
 
 A reply holds model arrays (only names the server sent), aggregate metrics under a fixed
 set of names with numeric values (lists only for the fixed-size score histograms, pooled and
-per group), and the site's id. Anything else (a path, a patient id, a DICOM tag value, a
+per group), the shape of the site's data in answer to ``describe``
+(:mod:`medfed.common.site_facts`), and the site's id. Anything else (a path, a patient id, a DICOM tag value, a
 per-sample value, a free-text string) is refused here, so a bug elsewhere cannot leak it.
 Error replies carry the exception type and, only for :class:`PublicSiteError`, a message
 written to be shared; details stay in the site log.
@@ -17,8 +18,10 @@ from medfed.common.constants import RecordKey, SiteKey
 from medfed.common.errors import MedfedError
 from medfed.common.hashing import is_sha256_hex
 from medfed.common.reply_schema import metrics_problem
+from medfed.common.site_facts import facts_problem
 
-ALLOWED_RECORDS = frozenset({RecordKey.ARRAYS.value, RecordKey.METRICS.value, RecordKey.SITE.value})
+ALLOWED_RECORDS = frozenset({RecordKey.ARRAYS.value, RecordKey.METRICS.value, RecordKey.SITE.value,
+                             RecordKey.FACTS.value})
 _PARAMETER_DTYPES = ("float16", "float32", "float64", "bfloat16", "int64", "int32", "bool")
 
 
@@ -45,6 +48,8 @@ def check_reply(content: RecordDict, sent_shapes: Mapping[str, tuple[int, ...]],
             _check_arrays(record, sent_shapes)
         elif key == RecordKey.METRICS.value:
             _check_metrics(record)
+        elif key == RecordKey.FACTS.value:
+            _check_facts(record)
         else:
             _check_site_record(record, site_id)
 
@@ -67,6 +72,14 @@ def _check_metrics(record: object) -> None:
     if not isinstance(record, MetricRecord):
         raise BoundaryError("the metrics record must be a MetricRecord")
     problem = metrics_problem(dict(record))
+    if problem:
+        raise BoundaryError(problem)
+
+
+def _check_facts(record: object) -> None:
+    if not isinstance(record, ConfigRecord):
+        raise BoundaryError("the facts record must be a ConfigRecord")
+    problem = facts_problem(dict(record))
     if problem:
         raise BoundaryError(problem)
 

@@ -16,12 +16,19 @@ launcher (:mod:`medfed.client.app_runner`; one process group, one exit code), wh
 *installed* medfed ClientApp for every task and refuses FABs that site.yaml does not
 accept (:mod:`medfed.client.trusted_app`). ``run-app-code: true`` in site.yaml gives
 Flower's default instead (the ClientApp code the server ships runs): development only.
+
+``medfed site start`` joins only a site that can train and a server that answers: it
+builds the site's data as training does (:mod:`medfed.client.site_preflight`), makes the
+first contact with the server, TLS handshake included, within ``--connect-timeout``
+(:mod:`medfed.common.server_contact`), and logs "started" once the SuperLink has accepted
+the SuperNode (:mod:`medfed.client.supernode_log`; output in ``STATE_DIR/supernode.log``).
 """
 
 from __future__ import annotations
 
 import logging
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +43,6 @@ from medfed.common.process import (
 )
 from medfed.server.deploy import DEFAULT_SUPERLINK_PORT, FLWR_HOME_DIR, READY_TIMEOUT_S
 from medfed.server.submit import (
-    check_reachable,
     flower_executable,
     parse_server_address,
 )
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_SUPERLINK_PORT}"
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
 RUNTIME_HOST = "127.0.0.1"
 
 
@@ -128,32 +135,51 @@ def supernode_command(
     """
     address = server or site_cfg.server
     parse_server_address(address)
-    cert = Path(root_cert).resolve() if root_cert else site_cfg.root_cert
-    key = Path(auth_key).resolve() if auth_key else site_cfg.auth_key
     runtime_port = port if port is not None else site_cfg.clientappio_port
     if not 1 <= runtime_port <= 65535:
         raise ConfigError(f"ClientApp runtime port {runtime_port} must be between 1 and 65535")
+    cert, key, ignored = site_connection(site_cfg, insecure=insecure, root_cert=root_cert, auth_key=auth_key)
     cmd = [flower_executable("flower-supernode"), "--superlink", address]
     if insecure:
-        conflicts = [name for name, value in (("--root-cert", root_cert), ("--auth-key", auth_key)) if value]
-        if conflicts:
-            raise ConfigError(f"--insecure turns TLS off but {' and '.join(conflicts)} was given: drop one of them")
-        ignored = [name for name, value in (("root-cert", cert), ("auth-key", key)) if value]
         if ignored:
             log.warning("--insecure: ignoring %s from %s", " and ".join(ignored), site_cfg.site_config)
-        cert = key = None
         cmd.append("--insecure")
     elif cert is not None:
-        if not cert.is_file():
-            raise ConfigError(f"root-cert {cert} not found: copy the server operator's ca.crt there")
         cmd += ["--root-certificates", str(cert)]
     if key is not None:
-        _check_private_key(key, site_cfg.site_id)
         cmd += ["--auth-supernode-private-key", str(key)]
     cmd += ["--host", RUNTIME_HOST, "--port", str(runtime_port), "--node-config", node_config_string(site_cfg)]
     if not site_cfg.run_app_code:
         cmd += ["--isolation", "process"]  # medfed's launcher runs the ClientApps (start_supernode)
     return cmd
+
+
+def site_connection(
+    site_cfg: SiteDaemonConfig,
+    *,
+    insecure: bool = False,
+    root_cert: str | Path | None = None,
+    auth_key: str | Path | None = None,
+) -> tuple[Path | None, Path | None, list[str]]:
+    """The CA certificate and private key the site connects with (arguments override site.yaml).
+
+    Returns ``(root_cert, auth_key, ignored)``: ``ignored`` names the site.yaml settings that
+    ``insecure`` drops. Missing files and a private key others can read are errors.
+    """
+    cert = Path(root_cert).resolve() if root_cert else site_cfg.root_cert
+    key = Path(auth_key).resolve() if auth_key else site_cfg.auth_key
+    ignored: list[str] = []
+    if insecure:
+        conflicts = [name for name, value in (("--root-cert", root_cert), ("--auth-key", auth_key)) if value]
+        if conflicts:
+            raise ConfigError(f"--insecure turns TLS off but {' and '.join(conflicts)} was given: drop one of them")
+        ignored = [name for name, value in (("root-cert", cert), ("auth-key", key)) if value]
+        return None, None, ignored
+    if cert is not None and not cert.is_file():
+        raise ConfigError(f"root-cert {cert} not found: copy the server operator's ca.crt there")
+    if key is not None:
+        _check_private_key(key, site_cfg.site_id)
+    return cert, key, ignored
 
 
 def _check_private_key(key: Path, site_id: str) -> None:
@@ -196,25 +222,6 @@ def start_supernode(
     return proc
 
 
-def wait_until_reachable(server: str, timeout: float) -> None:
-    """Retry a TCP connect to the server for ``timeout`` seconds; one clear error after that.
-
-    Flower's SuperNode would retry forever in silence; a site operator starting the
-    daemon wants to know at once that the server address or the network is wrong.
-    """
-    import time
-
-    deadline = time.monotonic() + max(0.0, timeout)
-    while True:
-        try:
-            check_reachable(server)
-            return
-        except MedfedError as exc:
-            if time.monotonic() >= deadline:
-                raise MedfedError(f"{exc} (gave up after {timeout:.0f} s; see --connect-timeout)") from None
-        time.sleep(1.0)
-
-
 def add_site_arguments(subparsers: Any) -> None:
     """``medfed site start`` on the ``site`` command's subparsers."""
     start = subparsers.add_parser("start", help="run this site's SuperNode (TLS unless --insecure)")
@@ -235,22 +242,76 @@ def add_site_start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root-cert", type=Path, default=None, help="CA certificate (ca.crt) of the server")
     parser.add_argument("--auth-key", type=Path, default=None, help="the site's private key (<site-id>.key)")
     parser.add_argument("--clientappio-port", type=int, default=None, help="local ClientApp runtime port (default: site.yaml, else a free port)")
-    parser.add_argument("--connect-timeout", type=float, default=30.0,
-                        help="seconds to wait for the server to accept connections before giving up (default 30)")
+    parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S,
+                        help="seconds for the first contact with the server in all (TCP, TLS handshake, first "
+                        "answer; retried while the server is not up yet); also how long the server may take to "
+                        f"accept the SuperNode before a warning (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
 
 
 def cmd_site_start(args: argparse.Namespace) -> int:
-    """Run ``medfed site start`` in the foreground until Ctrl-C / SIGTERM."""
+    """Run ``medfed site start`` in the foreground until Ctrl-C / SIGTERM.
+
+    In order, each failing with one line: the site's data gives training examples
+    (:mod:`medfed.client.site_preflight`, exit 2), the server answers within
+    ``--connect-timeout`` (TLS handshake included), the SuperNode starts; "started" is
+    logged once the server has accepted the SuperNode (its log says ``SuperNode ID``).
+    """
+    from medfed.client.site_preflight import preflight_site
+    from medfed.common.server_contact import wait_for_server
+    from medfed.common.site_config import load_site_config
+
     cfg = load_site_yaml(args.config)
-    wait_until_reachable(args.server or cfg.server, args.connect_timeout)
-    proc = start_supernode(
-        cfg, server=args.server, insecure=args.insecure, root_cert=args.root_cert,
-        auth_key=args.auth_key, port=args.clientappio_port,
-    )
+    if args.connect_timeout <= 0:
+        raise ConfigError(f"--connect-timeout {args.connect_timeout:g} must be a positive number of seconds")
+    preflight_site(load_site_config(cfg.site_config), cfg.site_config)
+    address = args.server or cfg.server
+    host, port = parse_server_address(address)
+    cert, _key, _ignored = site_connection(cfg, insecure=args.insecure, root_cert=args.root_cert,
+                                           auth_key=args.auth_key)
+    try:
+        wait_for_server(address, host, port, timeout=args.connect_timeout, tls=not args.insecure, root_cert=cert)
+    except MedfedError as exc:
+        raise MedfedError(f"site {cfg.site_id}: {exc}") from None
+    return _run_supernode(cfg, args, address)
+
+
+def _run_supernode(cfg: SiteDaemonConfig, args: argparse.Namespace, address: str) -> int:
+    """Start the SuperNode, its output to ``<state-dir>/supernode.log`` and copied to stderr; wait for it."""
+    from medfed.client.supernode_log import LOG_NAME, SupernodeLog, rotate
+
     mode = "insecure, no TLS" if args.insecure else "TLS"
-    log.info("site %s: SuperNode started (%s) towards %s; state in %s",
-             cfg.site_id, mode, args.server or cfg.server, cfg.state_dir)
-    return run_in_foreground(proc)
+    log_path = cfg.state_dir / LOG_NAME
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    rotate(log_path)
+
+    def _started(node_id: str) -> None:
+        log.info("site %s: SuperNode started (%s): accepted by the server at %s as node %s; state in %s, "
+                 "SuperNode log %s", cfg.site_id, mode, address, node_id, cfg.state_dir, log_path)
+
+    def _not_yet() -> None:
+        if not follower.accepted.is_set() and proc.poll() is None:
+            log.warning("site %s: the server at %s answers, but has not accepted this SuperNode within %g s; "
+                        "it keeps trying (see %s)", cfg.site_id, address, args.connect_timeout, log_path)
+
+    follower = SupernodeLog(log_path, on_accepted=_started)
+    follower.start()
+    try:
+        proc = start_supernode(cfg, server=args.server, insecure=args.insecure, root_cert=args.root_cert,
+                               auth_key=args.auth_key, port=args.clientappio_port, log_path=log_path)
+        watchdog = threading.Timer(args.connect_timeout, _not_yet)
+        watchdog.daemon = True
+        watchdog.start()
+        code = run_in_foreground(proc)
+        watchdog.cancel()
+    finally:
+        follower.stop()
+    if code != 0 and not follower.accepted.is_set():
+        raise MedfedError(
+            f"site {cfg.site_id}: the SuperNode exited with code {code} before the server at {address} "
+            f"accepted it (see {log_path}): if its key is not registered there, run `medfed server "
+            "register-site` on the server"
+        )
+    return code
 
 
 def cmd_site_app_hash(args: argparse.Namespace) -> int:

@@ -1,8 +1,12 @@
 """``medfed site check``: the QC a site administrator runs before the site trains.
 
-It reads every image once through the training readers (warming the preprocessing
-cache), prints a table, writes the JSON report into the site's state directory (or
-``--report FILE``) and exits non-zero when training could not start.
+Every kind of site medfed trains on is checked: manifest and DICOM-folder sites
+(:mod:`medfed.common.intake.qc`), segmentation sites (:mod:`medfed.common.segmentation.qc`),
+MedMNIST files and synthetic demo shards (:mod:`medfed.client.array_qc`), each after the
+files site.yaml names (:mod:`medfed.common.site_files`). It reads every image once through
+the training readers (warming the preprocessing cache), prints a table, writes the JSON
+report into the site's state directory (or ``--report FILE``) and exits non-zero when
+training could not start.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ def add_check_arguments(subparsers: Any) -> None:
     """``medfed site check`` on the ``site`` command's subparsers."""
     p = subparsers.add_parser(
         "check", help="read every image once and report what training will use (QC)",
-        description="Check a site's data before it trains: counts per split, label and attribute "
-        "group; sizes, spacing and modalities; unreadable and missing files, duplicates, patients "
-        "in several splits, labels outside the declared set, missing attributes.",
+        description="Check a site's data before it trains (manifest, DICOM folder, segmentation, MedMNIST "
+        ".npz or synthetic shard): counts per split, label and attribute group; sizes, spacing and "
+        "modalities; missing and unreadable files, duplicates, patients in several splits, labels "
+        "outside the declared set, missing attributes.",
     )
     p.add_argument("--config", required=True, type=Path, help="the site's site.yaml")
     p.add_argument("--report", type=Path, default=None,
@@ -39,18 +44,29 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     from medfed.common.site_config import load_site_config
 
     site = load_site_config(args.config)
+    return _finish(site, check_any_site(site, args.config), args.report)
+
+
+def check_any_site(site: Any, source: Path | None = None) -> Any:
+    """The QC report of any site medfed trains on: its files first, then its own kind of check."""
+    from medfed.common.intake.qc import QCReport
+    from medfed.common.site_files import SiteDataError, check_site_files
+
+    if site.task != "segmentation" and site.dataset in ("medmnist", "synthetic"):
+        from medfed.client.array_qc import check_array_site
+
+        return check_array_site(site, source)  # checks the files itself
+    try:
+        check_site_files(site, source)
+    except SiteDataError as exc:
+        return QCReport(site.site_id, source=f"{site.dataset} site", fatal=[exc.detail])
     if site.task == "segmentation":
         from medfed.common.segmentation.qc import check_seg_site
 
-        return _finish(site, check_seg_site(site), args.report)
-    if site.dataset not in ("manifest", "dicom"):
-        raise MedfedError(
-            f"site {site.site_id} uses dataset {site.dataset!r}, which has no per-file intake to "
-            "check: site check is for manifest and DICOM-folder sites"
-        )
+        return check_seg_site(site)
     from medfed.common.intake.qc import check_site
 
-    return _finish(site, check_site(site), args.report)
+    return check_site(site)
 
 
 def _finish(site: Any, report: Any, report_path: Path | None) -> int:

@@ -20,6 +20,7 @@ from medfed.common.constants import NodeConfigKey
 from medfed.common.data.splits import DatasetInfo, SiteData
 from medfed.common.errors import ConfigError
 from medfed.common.site_config import SiteConfig, load_site_config, parse_site_config
+from medfed.common.site_facts import SiteFacts
 
 PARTITION_ID = NodeConfigKey.PARTITION_ID.value
 NUM_PARTITIONS = NodeConfigKey.NUM_PARTITIONS.value
@@ -37,6 +38,8 @@ class SiteRuntime:
     delta: float = 1e-5
     min_eval_n: int | None = None  # the site's own (site.yaml); None: a simulated partition, the study's applies
     data_root: Path | None = None  # a site described by site.yaml: where its data lives
+    source: str = "partition"  # what it serves (medfed.common.site_facts.SOURCES)
+    task: str = ""  # the task its site.yaml declares; "": a simulated partition, the study's
 
     def eval_minimum(self, cfg: StudyConfig) -> int:
         """Smallest split this site sends metrics for: its own setting wins over the study's."""
@@ -57,9 +60,23 @@ def resolve_site(node_config: Mapping[str, Any], cfg: StudyConfig) -> SiteRuntim
 
 def site_runtime(site: SiteConfig, cfg: StudyConfig) -> SiteRuntime:
     """The runtime of a site described by its own config (deployment, or simulation over site files)."""
+    from medfed.common.site_files import check_site_files
+
+    check_site_files(site)  # a missing or unreadable file is named by its site.yaml key
     info, data = _site_data_cached(site, cfg.seed, cfg.image_size, cfg.in_channels)
     return SiteRuntime(site.site_id, info, data, Path(site.state_dir), site.epsilon, site.delta,
-                       min_eval_n=site.min_eval_n, data_root=Path(site.data_root))
+                       min_eval_n=site.min_eval_n, data_root=Path(site.data_root), source=site.dataset,
+                       task=site.task)
+
+
+def site_facts(site: SiteRuntime, cfg: StudyConfig) -> SiteFacts:
+    """What this site answers to the describe query: the shape of its data, from its own config."""
+    info = site.info
+    return SiteFacts(
+        task=site.task or cfg.task, source=site.source, num_classes=info.num_classes, in_channels=info.in_channels,
+        image_size=info.image_size, spatial_dims=info.spatial_dims, label_names=tuple(info.label_names),
+        group_attribute=info.group_name or "", group_names=tuple(info.group_values),
+    )
 
 
 def _simulated_site(cfg: StudyConfig, partition_id: int, num_partitions: int) -> SiteRuntime:
@@ -74,12 +91,18 @@ def _simulated_site(cfg: StudyConfig, partition_id: int, num_partitions: int) ->
         return site_runtime(load_site_configs(cfg.data_path)[partition_id], cfg)
     if cfg.site_shards:  # written by the simulation driver: map this site's arrays, nothing else
         info, data = _shard_site_cached(cfg.site_shards, partition_id, num_partitions, _mtime_ns(cfg.site_shards))
-        return SiteRuntime(data.site_id, info, data, simulation_state_dir(cfg, data.site_id))
+        return SiteRuntime(data.site_id, info, data, simulation_state_dir(cfg, data.site_id),
+                           source=_partition_source(cfg))
     from medfed.common.data.federated import load_study_data
 
     fed = load_study_data(cfg)  # direct callers: the whole study, memoised per process
     data = fed.sites[partition_id]
-    return SiteRuntime(data.site_id, fed.info, data, simulation_state_dir(cfg, data.site_id))
+    return SiteRuntime(data.site_id, fed.info, data, simulation_state_dir(cfg, data.site_id),
+                       source=_partition_source(cfg))
+
+
+def _partition_source(cfg: StudyConfig) -> str:
+    return "synthetic" if cfg.dataset == "synthetic" else "partition"
 
 
 @functools.lru_cache(maxsize=1)  # one actor runs many sites in turn: keep only the latest one

@@ -22,6 +22,7 @@ from medfed.client.site_state import load_local_layers, save_local_layers
 from medfed.common.arrays import arrays_to_state_dict, load_arrays, model_to_arrays
 from medfed.common.config import StudyConfig
 from medfed.common.constants import NUM_HIST_BINS, SPLITS, ConfigKey, MetricKey
+from medfed.common.reply_schema import SPLIT_HISTOGRAMS
 from medfed.common.models import build_model, model_spec, norm_parameter_names
 from medfed.common.tasks import get_task
 from medfed.common.training import (
@@ -124,11 +125,12 @@ def evaluate_round(
 ) -> dict[str, float | list[float]]:
     """Evaluate the global model on the site's validation and test data (never training data).
 
-    Returns per-split metrics prefixed ``val-``/``test-``, the validation score
-    histograms (binary classification; counts only, no per-image values), per-group
+    Returns per-split metrics prefixed ``val-``/``test-``, each split's score histograms
+    (binary classification; counts only, no per-image values), per-group
     confusion counts and score histograms when the site's data has group codes
     (:func:`medfed.common.fairness.group_counts`, small groups suppressed) and
-    ``num-examples`` (validation samples, the weight for averaging).
+    ``num-examples`` (validation samples, the weight for averaging) and ``test-num-examples``
+    (the weight of the test metrics when the server pools them).
 
     A split with fewer than the site's ``min-eval-n`` samples sends nothing but its absence:
     with one patient, a loss or a 100-bin histogram is that patient's score. Metrics that are
@@ -158,10 +160,10 @@ def evaluate_round(
         binary = probs is not None and probs.ndim == 2 and probs.shape[1] == 2  # binary classification
         if not binary:
             continue
-        if split_name == "val":
-            pos, neg = score_histograms(split.labels, probs[:, 1], bins=NUM_HIST_BINS)
-            out[MetricKey.VAL_HIST_POS.value] = [float(v) for v in np.asarray(pos)]
-            out[MetricKey.VAL_HIST_NEG.value] = [float(v) for v in np.asarray(neg)]
+        pos_key, neg_key, _ = SPLIT_HISTOGRAMS[split_name]
+        pos, neg = score_histograms(split.labels, probs[:, 1], bins=NUM_HIST_BINS)
+        out[pos_key] = [float(v) for v in np.asarray(pos)]
+        out[neg_key] = [float(v) for v in np.asarray(neg)]
         if split.groups is not None:
             out.update(group_counts(
                 probs[:, 1], split.labels, split.groups,
@@ -169,4 +171,6 @@ def evaluate_round(
                 num_groups=len(site.info.group_values) or None, bins=NUM_HIST_BINS, split=split_name,
             ))
     out[MetricKey.NUM_EXAMPLES.value] = float(len(site.data.val) if len(site.data.val) >= minimum else 0)
+    if len(site.data.test) >= minimum:  # the weight of this site's test metrics in the pooled test result
+        out[MetricKey.TEST_EXAMPLES.value] = float(len(site.data.test))
     return out

@@ -15,6 +15,11 @@ Everything is made with ``cryptography`` in the formats Flower 1.41 reads:
   expect (the same files ``ssh-keygen -t ecdsa -b 384 -N ""`` writes). The private key
   stays at the site; only the ``.pub`` file goes to the server operator.
 
+``medfed certs all`` (a demo on one machine) writes the server's folder ``OUT`` (``ca.crt``,
+``server.crt``, ``server.key`` and ``sites/``) and the CA in a folder of its own, ``OUT-ca``
+beside it (``--ca-out``): the CA key never sits in the folder the server is given, and
+``medfed certs server --ca OUT-ca`` signs a new server certificate with it later.
+
 Private keys are written with mode 0600; every file is written atomically (temporary file
 in the same folder, then ``os.replace``) and existing files are kept unless
 ``overwrite=True``.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -39,8 +45,12 @@ from medfed.common.logs import emit
 if TYPE_CHECKING:
     import argparse
 
+log = logging.getLogger(__name__)
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+CA_DIR_SUFFIX = "-ca"  # `medfed certs all --out OUT`: the CA goes to OUT-ca, beside the server's folder
+SITES_DIR = "sites"  # `medfed certs all`: site key pairs under OUT/sites/
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
 DEFAULT_SERVER_HOSTS = ("127.0.0.1", "localhost")
@@ -213,9 +223,13 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
         )
         p.add_argument("--server-days", type=int, default=825, help="server certificate validity")
 
-    p_all = sub.add_parser("all", help="CA + server certificate (+ site keys) in one folder, for a demo")
+    p_all = sub.add_parser("all", help="CA + server certificate (+ site keys) for a demo; the CA goes to its own "
+                           "folder (--ca-out), not the server's")
     _common(p_all)
     _hosts(p_all)
+    p_all.add_argument("--ca-out", type=Path, default=None,
+                       help=f"folder for the CA ({CA_CERT}, {CA_KEY}), kept offline; not inside --out "
+                       f"(default: OUT{CA_DIR_SUFFIX} beside OUT)")
     p_all.add_argument("--site-id", action="append", default=[], dest="site_ids", help="also make this site's key pair (repeatable)")
     p_all.add_argument("--ca-days", type=int, default=3650, help="CA validity")
 
@@ -234,29 +248,52 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
     p_site.add_argument("--site-id", required=True)
 
 
+def default_ca_dir(out_dir: str | Path) -> Path:
+    """Where ``medfed certs all`` puts the CA: ``OUT-ca``, beside the server's folder ``OUT``."""
+    out = Path(out_dir).resolve()
+    return out.with_name(out.name + CA_DIR_SUFFIX)
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     """Run ``medfed certs``; prints every file written."""
-    written: list[Path] = []
     hosts = list(dict.fromkeys([*getattr(args, "hosts", []), *DEFAULT_SERVER_HOSTS]))
-    if args.certs_command == "all":  # check every target first: no half-made folder
-        out = Path(args.out)
-        targets = [out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY]
-        for site_id in args.site_ids:
-            targets += [out / "sites" / f"{site_id}.key", out / "sites" / f"{site_id}.pub"]
-        _refuse_existing(tuple(targets), args.overwrite)
-    if args.certs_command in ("all", "ca"):
-        written += create_ca(args.out, getattr(args, "common_name", "medfed-ca"), args.ca_days, args.overwrite)
-    if args.certs_command in ("all", "server"):
-        ca_dir = args.out if args.certs_command == "all" else args.ca_dir
-        written += create_server_cert(args.out, ca_dir, hosts, args.server_days, args.overwrite)[:2]
     if args.certs_command == "all":
-        for site_id in args.site_ids:
-            written += create_site_keys(Path(args.out) / "sites", site_id, args.overwrite)
-    if args.certs_command == "site":
-        written += create_site_keys(args.out, args.site_id, args.overwrite)
+        written = _certs_all(args, hosts)
+    elif args.certs_command == "ca":
+        written = list(create_ca(args.out, args.common_name, args.ca_days, args.overwrite))
+    elif args.certs_command == "server":
+        written = list(create_server_cert(args.out, args.ca_dir, hosts, args.server_days, args.overwrite)[:2])
+    else:
+        written = list(create_site_keys(args.out, args.site_id, args.overwrite))
     for path in written:
         emit(str(path))
     return 0
+
+
+def _certs_all(args: argparse.Namespace, hosts: list[str]) -> list[Path]:
+    """CA in ``--ca-out``, server files (with a copy of ca.crt) and site keys in ``--out``."""
+    out = Path(args.out)
+    ca_dir = Path(args.ca_out) if args.ca_out else default_ca_dir(out)
+    if ca_dir.resolve() == out.resolve() or out.resolve() in ca_dir.resolve().parents:
+        raise ConfigError(
+            f"--ca-out {ca_dir} is inside --out {out}, the folder the server is given: the CA key must "
+            f"stay out of it; choose a folder beside it (default {default_ca_dir(out)})"
+        )
+    targets = [ca_dir / CA_CERT, ca_dir / CA_KEY, out / CA_CERT, out / SERVER_CERT, out / SERVER_KEY]
+    for site_id in args.site_ids:
+        targets += [out / SITES_DIR / f"{site_id}.key", out / SITES_DIR / f"{site_id}.pub"]
+    _refuse_existing(tuple(targets), args.overwrite)  # check every target first: no half-made folder
+    written: list[Path] = list(create_ca(ca_dir, days=args.ca_days, overwrite=args.overwrite))
+    server = create_server_cert(out, ca_dir, hosts, args.server_days, args.overwrite)
+    written += [server.ca_cert, server.cert, server.key]
+    for site_id in args.site_ids:
+        written += create_site_keys(out / SITES_DIR, site_id, args.overwrite)
+    log.info("keep %s offline: %s signs server certificates (`medfed certs server --ca %s`); give the "
+             "server only %s", ca_dir, ca_dir / CA_KEY, ca_dir, out)
+    if (out / CA_KEY).exists():  # an earlier `certs all` kept the CA key with the server's files
+        log.warning("%s is left from an earlier `medfed certs all` and no longer signs this CA: delete it, "
+                    "the server's folder must not hold a CA key", out / CA_KEY)
+    return written
 
 
 def _now() -> datetime.datetime:

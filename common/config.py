@@ -36,11 +36,13 @@ STRATEGIES = (
     "fedbn",
 )
 MODELS = CLASSIFIERS + SEGMENTERS + GENERATORS
-DATASETS = ("synthetic", "medmnist", "sites", "npz", "uci-heart")
+DATASETS = ("synthetic", "medmnist", "sites", "npz", "uci-heart", "site-data")
+SITE_DATA = "site-data"
+"""Deployment: each site trains on its own data (its site.yaml); the sites describe its shape to the server."""
 FEATURE_SCALINGS = ("federated", "site")  # tabular z-scores: pooled training statistics, or each site's own
 TABULAR_DATASETS = ("uci-heart",)  # feature vectors: tabular models only (medfed.common.tabular)
 UCI_HEART_SITES = 4  # its real hospitals: Cleveland, Hungary, Switzerland, VA Long Beach
-SEGMENTATION_DATASETS = ("synthetic", "npz")
+SEGMENTATION_DATASETS = ("synthetic", "npz", SITE_DATA)
 PARTITIONS = ("iid", "dirichlet", "quantity", "demographic", "natural")  # medfed.common.data.partition
 SHIFTS = ("none", "scanner")  # medfed.common.data.shift
 OPTIMIZERS = ("sgd", "adam")

@@ -15,6 +15,13 @@ class RecordKey(str, Enum):
     CONFIG = "config"
     METRICS = "metrics"
     SITE = "site"
+    FACTS = "facts"  # a site's answer to the describe query: non-identifying facts of its data
+
+
+class QueryKind(str, Enum):
+    """What a ``query`` message asks a site (``ConfigKey.QUERY``)."""
+
+    DESCRIBE = "describe"  # the shape of the site's data: classes, channels, image size, label names
 
 
 class ConfigKey(str, Enum):
@@ -29,6 +36,21 @@ class ConfigKey(str, Enum):
     RUN_SEED = "seed"
     CENTRAL_DP = "central-dp"  # sites send a unit weight (Flower's DP accounting needs equal weights)
     THRESHOLD = "threshold"  # binary decision threshold the sites apply (0.5 when absent)
+    QUERY = "query"  # a query message's kind (QueryKind)
+
+
+class FactKey(str, Enum):
+    """Keys of the ConfigRecord a site sends in answer to the describe query (RecordKey.FACTS)."""
+
+    TASK = "task"
+    SOURCE = "source"  # the kind of data the site serves: synthetic, medmnist, manifest, dicom, partition
+    NUM_CLASSES = "num-classes"
+    IN_CHANNELS = "in-channels"
+    IMAGE_SIZE = "image-size"
+    SPATIAL_DIMS = "spatial-dims"
+    LABEL_NAMES = "label-names"
+    GROUP_ATTRIBUTE = "group-attribute"  # "" when the site's data has no group codes
+    GROUP_NAMES = "group-names"
 
 
 class SiteKey(str, Enum):
@@ -49,6 +71,9 @@ class NodeConfigKey(str, Enum):
     # Set by Flower's simulation engine instead:
     PARTITION_ID = "partition-id"
     NUM_PARTITIONS = "num-partitions"
+    # Set by medfed's simulation engine in the ServerApp's node config: the server may hold the
+    # study's data (it partitioned it). Without it the ServerApp is deployed and holds none.
+    SIMULATION = "medfed-simulation"
 
 
 class MetricKey(str, Enum):
@@ -72,6 +97,9 @@ class MetricKey(str, Enum):
     D_ACCURACY = "d-accuracy"  # generation: mean of its real-as-real and fake-as-fake rates
     VAL_HIST_POS = "val-hist-pos"
     VAL_HIST_NEG = "val-hist-neg"
+    TEST_HIST_POS = "test-hist-pos"  # test score histograms: the server pools a deployed study's test metrics
+    TEST_HIST_NEG = "test-hist-neg"
+    TEST_EXAMPLES = "test-num-examples"  # test samples a site evaluated (the weight of its test metrics)
     # record-level DP at the site (see medfed.common.dp)
     EPSILON = "epsilon"  # ε spent so far by the site, over every study its ledger has seen
     DELTA = "delta"

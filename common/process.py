@@ -3,6 +3,8 @@
 Shared by ``medfed server start``, ``medfed site start``, the loopback deployment and
 its tests. Linux ``/proc`` is used to find descendants that left the process group
 (Flower's SuperLink and SuperNode detach ``flower-superexec`` into its own session).
+Every daemon runs under :mod:`medfed.common.guard`, so it and everything it started stop
+when the medfed process that started it dies, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from medfed.common.errors import MedfedError
+from medfed.common.guard import guard_command
+from medfed.common.proctree import descendants, is_alive
+from medfed.common.proctree import proc_table as _proc_table
+
+__all__ = ["FLOWER_ENV", "descendants", "free_port", "is_alive", "run_in_foreground", "start_process_group",
+           "stop_process_group", "wait_for_port"]
 
 STOP_TIMEOUT_S = 10.0
 
@@ -47,21 +55,26 @@ def start_process_group(
     cwd: str | Path,
     env: Mapping[str, str] | None = None,
     log_path: str | Path | None = None,
+    guard: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` as the leader of a new session; output to ``log_path`` (appended) or inherited.
+    """Start ``cmd`` in a new session; output to ``log_path`` (appended) or inherited.
 
     The folder of ``cmd[0]`` goes first on PATH: Flower's SuperLink and SuperNode start
     ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by bare name.
+    ``guard`` (POSIX): the session leader is :mod:`medfed.common.guard`, with ``cmd`` as its
+    child, so ``cmd`` and all its descendants stop when this process dies; the returned
+    process is the guard, which exits with ``cmd``'s status.
     """
     path = os.pathsep.join([str(Path(cmd[0]).parent), os.environ.get("PATH", "")])
     full_env = {**os.environ, "PATH": path, **FLOWER_ENV, **(env or {})}
+    argv = guard_command(cmd) if guard and os.name == "posix" else list(cmd)
     out: IO[Any] | None = None
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         out = open(log_path, "ab")  # noqa: SIM115 - the child keeps the descriptor
     try:
         return subprocess.Popen(
-            list(cmd), cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+            argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
             stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
         )
     finally:
@@ -94,37 +107,6 @@ def _log_tail(log_path: str | Path | None, lines: int = 5) -> str:
         return ""
     tail = Path(log_path).read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
     return f" (see {log_path}; last lines: {' | '.join(t.strip() for t in tail)})"
-
-
-def _proc_table() -> dict[int, tuple[int, int, str, int]]:
-    """pid -> (ppid, pgid, state, start time) for every process (Linux /proc)."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[0], int(fields[19]))
-        except (OSError, IndexError, ValueError):
-            continue
-    return table
-
-
-def descendants(pid: int) -> list[int]:
-    """All descendants of ``pid``, including those that left its session (Flower's SuperExec)."""
-    children: dict[int, list[int]] = {}
-    for child, (ppid, *_rest) in _proc_table().items():
-        children.setdefault(ppid, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def is_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    entry = _proc_table().get(pid)
-    return entry is not None and entry[2] != "Z"
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S, *,

@@ -41,7 +41,12 @@ EVAL_METRICS = (
     MetricKey.SENSITIVITY, MetricKey.SPECIFICITY, MetricKey.NUM_EXAMPLES,
     MetricKey.DICE, MetricKey.HD95, MetricKey.HD95_COUNT, MetricKey.D_LOSS, MetricKey.D_ACCURACY,
 )
-HISTOGRAM_KEYS = frozenset({MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value}) | GROUP_HISTOGRAM_KEYS
+SPLIT_HISTOGRAMS = {
+    "val": (MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value, MetricKey.NUM_EXAMPLES.value),
+    "test": (MetricKey.TEST_HIST_POS.value, MetricKey.TEST_HIST_NEG.value, MetricKey.TEST_EXAMPLES.value),
+}
+"""Each split's (positives histogram, negatives histogram, the count they add up to)."""
+HISTOGRAM_KEYS = frozenset(k for pos, neg, _ in SPLIT_HISTOGRAMS.values() for k in (pos, neg)) | GROUP_HISTOGRAM_KEYS
 ALLOWED_METRICS = frozenset(
     {k.value for k in MetricKey} | {f"{s}-{m.value}" for s in SPLITS for m in EVAL_METRICS}
     | GROUP_SCALAR_KEYS | GROUP_HISTOGRAM_KEYS  # per-group counts (medfed.common.fairness), k-anonymous
@@ -53,7 +58,7 @@ COUNT_KEYS = frozenset(
 )
 """Metrics that count something: non-negative whole numbers."""
 _PAIRS = (
-    (MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value),
+    *((pos, neg) for pos, neg, _ in SPLIT_HISTOGRAMS.values()),
     *((group_metric_key(s, k, GROUP_HIST_POS), group_metric_key(s, k, GROUP_HIST_NEG))
       for s in SPLITS for k in range(MAX_GROUPS)),
 )
@@ -91,9 +96,11 @@ def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
     for pos, neg in _PAIRS:
         if (pos in metrics) != (neg in metrics):
             return f"histograms {pos} and {neg} must come together"
-    pos, neg, n = MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value, MetricKey.NUM_EXAMPLES.value
-    if pos in metrics and n in metrics and sum(metrics[pos]) + sum(metrics[neg]) != metrics[n]:
-        return f"validation histograms do not add up to {n}"
+    for split, (pos, neg, n) in SPLIT_HISTOGRAMS.items():
+        if pos in metrics and n not in metrics:
+            return f"{split} histograms come without {n}"
+        if pos in metrics and n in metrics and sum(metrics[pos]) + sum(metrics[neg]) != metrics[n]:
+            return f"{split} histograms do not add up to {n}"
     return _groups_problem(metrics)
 
 

@@ -42,7 +42,10 @@ EVENTS = {
     "rejected": "round, phase (train/evaluate/final-evaluate), site, node, reason; also a num-examples "
                 "claim above max-site-weight-ratio x the median, with the weight used instead",
     "aggregated": "round, model (new global model hash), sites (whose updates were aggregated)",
+    "sites-described": "round (0: before round 1), sources (site -> the kind of data it serves), and the "
+                       "describe rejections as rejected entries of phase describe",
     "run-end": "selected-round, model (selected model hash), last-model",
+    "run-failed": "reason: the study ended with nothing to report (see summary.json outcome)",
 }
 
 
@@ -64,20 +67,38 @@ class ServerAudit:
     def __init__(self, run_dir: str | Path):
         self.log = AuditLog(Path(run_dir) / AUDIT_FILE, SERVER_ACTOR)
         self.binding = SiteBinding()
+        self.started = False  # run-start (or run-resumed) recorded
 
     @classmethod
-    def start(cls, cfg: StudyConfig, arrays: ArrayRecord, start_round: int) -> ServerAudit:
-        """Open RUN_DIR/audit.jsonl (appending: a log is never rewritten) and record the run's start."""
+    def open(cls, cfg: StudyConfig) -> ServerAudit:
+        """Open RUN_DIR/audit.jsonl (appending: a log is never rewritten); a resumed run's bindings are restored."""
         trail = cls(cfg.out_dir)
-        config = cfg.to_dict()
-        fields: dict[str, Any] = {"study-config-hash": study_config_hash(config), "config": config,
-                                  "model": arrays_hash(arrays), "rounds": cfg.num_server_rounds}
         if cfg.resume:
             trail.binding.restore(trail._recorded_bindings())
-            trail.log.append("run-resumed", checkpoint=str(cfg.resume), **{"from-round": start_round}, **fields)
-        else:
-            trail.log.append("run-start", **fields)
         return trail
+
+    def record_start(self, cfg: StudyConfig, arrays: ArrayRecord | None, start_round: int) -> None:
+        """Record the run's start (or resumption): config, initial model (None: no model was built)."""
+        config = cfg.to_dict()
+        fields: dict[str, Any] = {"study-config-hash": study_config_hash(config), "config": config,
+                                  "model": arrays_hash(arrays) if arrays is not None else None,
+                                  "rounds": cfg.num_server_rounds}
+        if cfg.resume:
+            self.log.append("run-resumed", checkpoint=str(cfg.resume), **{"from-round": start_round}, **fields)
+        else:
+            self.log.append("run-start", **fields)
+        self.started = True
+
+    def described(self, rnd: int, sources: dict[str, str], failures: Iterable[Failure],
+                  events: Iterable[BindingEvent]) -> None:
+        """Record the describe exchange: the sites bound by it, what each serves, who failed it."""
+        self.bindings(rnd, events)
+        self.log.append("sites-described", round=rnd, sources=sources)
+        self._rejected(rnd, "describe", failures)
+
+    def run_failed(self, reason: str) -> str:
+        """Record a study that ended with nothing to report; returns the head hash for summary.json."""
+        return str(self.log.append("run-failed", reason=reason)["hash"])
 
     def _recorded_bindings(self) -> list[BindingEvent]:
         """Bindings recorded since the last run start (a resumed run continues them)."""
@@ -144,8 +165,9 @@ class ServerAudit:
 
     def _rejected(self, rnd: int, phase: str, failures: Iterable[Failure]) -> None:
         for f in failures:
+            extra = {} if f.bound else {"site-unverified": True}  # named only by its own error reply
             self.log.append("rejected", round=rnd, phase=phase, site=f.site or self.binding.site(f.node),
-                            node=f.node, reason=f.reason)
+                            node=f.node, reason=f.reason, **extra)
 
     def round_end(self, rnd: int, arrays: ArrayRecord, accepted: Iterable[Message]) -> None:
         """Record the global model after aggregation."""

@@ -117,7 +117,14 @@ class Availability:
         nodes = wait_for_nodes(grid, self.min_sites, timeout, **self._wait)  # type: ignore[arg-type]
         if len(nodes) >= self.min_sites:
             return NodeView(grid, nodes)
-        if self.stop is None:
+        if self.stop is None and server_round == 0:  # before round 1: nothing to resume
+            self.stop = StudyStop(0, (
+                f"{phase}: only {len(nodes)} site(s) connected after waiting node-wait-timeout="
+                f"{self.node_wait_timeout:g} s, fewer than min-sites={self.min_sites}: the study cannot start. "
+                "Start the missing sites (`medfed site start`) or lower min-sites, then submit it again"
+            ))
+            log.error("%s", self.stop.reason)
+        elif self.stop is None:
             last = server_round - 1 if phase == "train" else server_round
             self.stop = StudyStop(last, (
                 f"round {server_round} ({phase}): only {len(nodes)} site(s) connected after waiting "

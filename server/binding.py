@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flwr.app import Message
-from medfed.server.replies import Failure, site_of
+from medfed.server.replies import Failure, claimed_site, site_of
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,19 @@ class SiteBinding:
         return self.site_of_node.get(node)
 
     def name(self, failures: Iterable[Failure]) -> list[Failure]:
-        """``failures`` with the bound site id filled in where a reply carried none (an error reply)."""
-        return [f if f.site is not None or f.node not in self.site_of_node
-                else Failure(self.site_of_node[f.node], f.node, f.reason) for f in failures]
+        """``failures`` with a site id where a reply carried none (an error reply).
+
+        The site id bound to the node when there is one; otherwise the id the error reply's
+        reason names, marked unverified (it binds nothing).
+        """
+        named = []
+        for f in failures:
+            if f.site is None and f.node in self.site_of_node:
+                f = Failure(self.site_of_node[f.node], f.node, f.reason)
+            elif f.site is None and (claim := claimed_site(f.reason)):
+                f = Failure(claim, f.node, f.reason, bound=False)
+            named.append(f)
+        return named
 
     def admit(self, replies: Iterable[Message], live_nodes: Callable[[], Iterable[int]]
               ) -> tuple[list[Message], list[Failure], list[BindingEvent]]:
@@ -124,6 +134,4 @@ class SiteBinding:
             else:
                 log.warning("site %s moved from node %s (no longer connected) to node %s", site, owner, node)
             kept += msgs
-        for f in failures:
-            log.warning("refused reply from node %s: %s", f.node, f.reason)
-        return kept, failures, events
+        return kept, failures, events  # the caller logs the failures once they are named

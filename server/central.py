@@ -1,8 +1,9 @@
 """Server-side data for evaluating the global model on the official test split.
 
-In simulation the server has the dataset; in deployment it has it only if the run
-config's ``data-path`` exists on the server machine. Without it, the run relies on the
-sites' federated evaluation alone (and says so).
+In simulation the server built the dataset it partitioned, so it has it. A deployed server
+holds no data: it evaluates centrally only when the run config names a file (``data-path``)
+that exists on the server machine. It never builds synthetic data, and without such a file
+the study's test metrics are the pool of the sites' own (:func:`medfed.server.selection.pool_test`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,25 @@ class CentralData:
     val: ImageSplit | None
 
 
-def load_central(cfg: StudyConfig) -> CentralData | None:
+SERVER_FILE_DATASETS = ("medmnist", "npz")
+"""Datasets a deployed server may really hold: a file (or folder) the run config's data-path names."""
+
+
+def load_central(cfg: StudyConfig, *, simulation: bool = True) -> CentralData | None:
+    """The server's own val/test data: always in simulation; in deployment only a data-path it holds."""
     from medfed.common.data.federated import load_study_data
 
-    if cfg.dataset == "medmnist" and not Path(cfg.data_path).is_file():
+    if not simulation:
+        if cfg.dataset not in SERVER_FILE_DATASETS:
+            log.info("the server holds no data (dataset=%s): the test metrics are the pool of the sites' own",
+                     cfg.dataset)
+            return None
+        if not Path(cfg.data_path).exists():
+            log.info("data-path %s does not exist on the server: the test metrics are the pool of the sites' own",
+                     cfg.data_path)
+            return None
+        log.info("the server evaluates centrally on its own copy of %s", cfg.data_path)
+    elif cfg.dataset == "medmnist" and not Path(cfg.data_path).is_file():
         log.warning(
             "no central test data on the server (%s not found): only federated evaluation",
             cfg.data_path,

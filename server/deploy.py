@@ -14,7 +14,12 @@ HTTP(S) port (``--host``/``--port``). medfed always starts it with
 
 The SuperLink runs with ``cwd=STATE_DIR`` and ``FLWR_HOME=STATE_DIR/flwr-home`` (where
 submitted apps are unpacked), so a relative ``out-dir`` in the run config lands under
-``STATE_DIR``.
+``STATE_DIR``. Each ServerApp writes its ``medfed`` log lines to
+``STATE_DIR/console/run-<id>.log`` (Flower sends ServerApp output to ``/dev/null``), and
+``medfed server start`` prints them as ``[run <id>] ...``: rounds, sites that answered,
+failures with site and reason, waits for sites, the end of the study
+(:mod:`medfed.common.run_console`). The SuperLink, its SuperExec and every ServerApp run
+under :mod:`medfed.common.guard`: they stop when ``medfed server start`` dies, even by SIGKILL.
 
 The process helpers below (start in a new session, wait for the port, stop the whole
 tree) are shared with ``medfed.client.daemon`` and the deployment tests.
@@ -31,6 +36,7 @@ from medfed.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from medfed.common.errors import ConfigError
 from medfed.common.logs import emit
 from medfed.common.process import run_in_foreground, start_process_group, wait_for_port
+from medfed.common.run_console import CONSOLE_DIR, RUN_CONSOLE_ENV, ConsoleFollower
 from medfed.server.submit import (
     CONNECTION,
     check_reachable,
@@ -147,6 +153,11 @@ def superlink_command(cfg: ServerDeployConfig) -> list[str]:
     return cmd
 
 
+def console_dir(cfg: ServerDeployConfig) -> Path:
+    """Where each ServerApp writes its console lines (``run-<id>.log``)."""
+    return Path(cfg.state_dir).resolve() / CONSOLE_DIR
+
+
 def start_superlink(
     cfg: ServerDeployConfig,
     *,
@@ -157,9 +168,8 @@ def start_superlink(
     cmd = superlink_command(cfg)
     state = Path(cfg.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    proc = start_process_group(
-        cmd, cwd=state, env={"FLWR_HOME": str(state / FLWR_HOME_DIR)}, log_path=log_path
-    )
+    env = {"FLWR_HOME": str(state / FLWR_HOME_DIR), RUN_CONSOLE_ENV: str(console_dir(cfg))}
+    proc = start_process_group(cmd, cwd=state, env=env, log_path=log_path)
     host, port = parse_server_address(cfg.address)
     wait_for_port(host, port, proc, ready_timeout, "SuperLink", log_path)
     return proc
@@ -232,12 +242,18 @@ def server_config_from_args(args: argparse.Namespace) -> ServerDeployConfig:
 
 
 def cmd_server_start(args: argparse.Namespace) -> int:
-    """Run ``medfed server start`` in the foreground until Ctrl-C / SIGTERM."""
+    """Run ``medfed server start`` in the foreground until Ctrl-C / SIGTERM; prints every study's progress."""
     cfg = server_config_from_args(args)
+    follower = ConsoleFollower(console_dir(cfg), emit)  # before the SuperLink: no line of a new run is missed
     proc = start_superlink(cfg)
     scheme = "insecure, no TLS" if cfg.insecure else "TLS" + (", site authentication" if cfg.enable_site_auth else "")
     emit(f"SuperLink listening on {cfg.host}:{cfg.port} ({scheme}); state in {Path(cfg.state_dir).resolve()}")
-    return run_in_foreground(proc)
+    emit(f"each study's progress follows as [run ID] lines (also in {console_dir(cfg)}/run-ID.log)")
+    follower.start()
+    try:
+        return run_in_foreground(proc)
+    finally:
+        follower.stop()
 
 
 def add_register_site_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,8 +3,14 @@
 Each round calls the Flower strategy's own ``configure_train``/``aggregate_train`` and
 ``configure_evaluate`` hooks; around them this loop screens replies, keeps per-site
 metrics, pools validation histograms to choose the reported round and threshold,
-evaluates the global model centrally when the server has test data, and writes a
+evaluates the global model centrally when the server has test data (simulation, or a file
+a deployed server really holds) and otherwise pools the sites' test metrics, and writes a
 checkpoint and a metrics line after every round so ``--resume`` continues exactly.
+
+A deployed study first asks the sites to describe their data (:mod:`.describe`): the model's
+shape comes from them. Only rounds whose aggregate changed the global model are evaluated and
+may be selected; a study in which none was applied fails with nothing to report, one cut short
+stops with what it has (:mod:`.outcome`).
 """
 
 from __future__ import annotations
@@ -23,12 +29,20 @@ from flwr.serverapp.strategy import Strategy
 from medfed.common.arrays import arrays_to_state_dict
 from medfed.common.checkpoint import Checkpoint, load_checkpoint
 from medfed.common.config import StudyConfig
-from medfed.common.constants import BUDGET_EXHAUSTED, DP_METRICS, GROUP_SCALAR_KEYS, ConfigKey, MetricKey
+from medfed.common.constants import (
+    BUDGET_EXHAUSTED,
+    DP_METRICS,
+    GROUP_SCALAR_KEYS,
+    ConfigKey,
+    MetricKey,
+)
+from medfed.common.data.splits import DatasetInfo
 from medfed.common.errors import ConfigError
 from medfed.common.models import ModelSpec, model_spec
 from medfed.common.tasks import get_task
 from medfed.common.training import derive_seed
-from medfed.server.availability import Availability
+from medfed.server.audit import AUDIT_HEAD, ServerAudit
+from medfed.server.availability import Availability, StudyStop
 from medfed.server.central import (
     CentralData,
     evaluate_arrays,
@@ -36,6 +50,13 @@ from medfed.server.central import (
     load_central,
 )
 from medfed.server.central_dp import central_privacy, restore_central_privacy
+from medfed.server.describe import (
+    SITE_DATA_NAME,
+    Described,
+    agreed_info,
+    describe_sites,
+)
+from medfed.server.exchange import send_and_receive, unanswered
 from medfed.server.fairness import (
     FAIRNESS,
     central_scores,
@@ -45,19 +66,20 @@ from medfed.server.fairness import (
 )
 from medfed.server.frozen import FrozenPart, initial_arrays
 from medfed.server.frozen import split as split_frozen
-from medfed.server.audit import AUDIT_HEAD, ServerAudit
 from medfed.server.limits import bound_replies, reply_bytes
+from medfed.server.outcome import COMPLETED, FAILED, STOPPED, Outcome, StudyFailed
 from medfed.server.recorder import RunRecorder
 from medfed.server.replies import (
     Capped,
     Failure,
     cap_eval_weights,
     cap_weights,
+    log_failures,
     screen_evaluate_replies,
     screen_train_replies,
 )
 from medfed.server.resume import resolve_resume
-from medfed.server.selection import Selection, pool_validation
+from medfed.server.selection import Selection, pool_test, pool_validation
 from medfed.server.strategies import (
     FedBN,
     build_strategy,
@@ -73,6 +95,9 @@ RESUME_INVARIANTS = ("task", "dataset", "data-path", "num-sites", "partition", "
                      "initial-weights", "new-head", "freeze")
 
 
+APPLIED = "applied-rounds"  # checkpoint metrics: the rounds whose aggregate was applied
+
+
 @dataclass
 class _State:
     arrays: ArrayRecord
@@ -83,42 +108,17 @@ class _State:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest DP metrics
     frozen: FrozenPart = field(default_factory=FrozenPart)  # transfer learning: layers not trained
     avail: Availability | None = None  # sites that drop and return: bounded waits, k-of-n rounds
-
-
-POLL_INTERVAL_S = 0.2
-
-
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Push ``messages`` and collect replies until all arrived or ``timeout`` passed.
-
-    Flower's deployment Grid polls for replies every 3 s; this uses the same public
-    push/pull calls every 0.2 s, which takes 1.4 s on average off every phase of a
-    round. Sites that did not answer in time are simply missing from the result.
-    """
-    if not messages:
-        return []
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(pending):
-            replies.append(reply)
-            pending.discard(reply.metadata.reply_to_message_id)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_INTERVAL_S)
-    if pending:
-        log.warning("%d site(s) did not answer within round-timeout=%.0f s", len(pending), timeout)
-    return replies
+    applied: list[int] = field(default_factory=list)  # rounds whose aggregate changed the global model
 
 
 def _bytes(messages: list[Message]) -> int:
     return sum(reply_bytes(msg) for msg in messages)
 
 
-def model_spec_for(cfg: StudyConfig, central: CentralData | None) -> ModelSpec:
-    if central is not None:
-        return model_spec(cfg, central.info)
+def model_spec_for(cfg: StudyConfig, info: DatasetInfo | None) -> ModelSpec:
+    """The study's model: explicit run-config sizes, else the data's (the server's own, or what the sites described)."""
+    if info is not None:
+        return model_spec(cfg, info)
     if not (cfg.in_channels and cfg.num_classes and cfg.image_size):
         raise ConfigError(
             "the server has no data to size the model: set in-channels, num-classes and "
@@ -136,8 +136,10 @@ def _initial_state(cfg: StudyConfig, spec: ModelSpec, strategy: Strategy, record
         restore_strategy_state(strategy, {k: {n: t.numpy() for n, t in v.items()} for k, v in ckpt.strategy_state.items()})
         recorder.truncate_after(ckpt.round)
         log.info("resuming from %s: round %d done, continuing at round %d", cfg.resume, ckpt.round, ckpt.round + 1)
+        applied = [int(r) for r in ckpt.metrics.get(APPLIED, range(1, ckpt.round + 1))]
         return _State(arrays, best, Selection.from_dict(ckpt.selection), ckpt.round + 1,
-                      dict(ckpt.metrics.get("sites", {})), dict(ckpt.metrics.get("privacy", {})), frozen)
+                      dict(ckpt.metrics.get("sites", {})), dict(ckpt.metrics.get("privacy", {})), frozen,
+                      applied=applied)
     arrays, frozen = initial_arrays(cfg, spec)
     recorder.reset()
     return _State(arrays, arrays, Selection(rule=cfg.selection), 1, {}, frozen=frozen)
@@ -204,24 +206,45 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
 
 
-def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
-    """Run the whole study on ``grid``; returns the summary written to summary.json."""
+def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> dict[str, Any]:
+    """Run the whole study on ``grid``; returns the summary written to summary.json.
+
+    ``simulation``: the server built the study's data itself (medfed's simulation engine) and
+    evaluates centrally on its test split. Otherwise (a deployment) the server holds only
+    data the run config names and that exists here; the sites first describe their data
+    (:mod:`medfed.server.describe`) and the reported test metrics are the pool of theirs.
+    The summary's ``outcome`` says whether the study completed, stopped or failed
+    (:mod:`medfed.server.outcome`).
+    """
     t_start = time.perf_counter()
     cfg = resolve_resume(cfg)  # resume=latest: the newest checkpoint of out-dir
     recorder = RunRecorder(cfg.out_dir)
-    central = load_central(cfg)
-    spec = model_spec_for(cfg, central)
+    central = load_central(cfg, simulation=simulation)
     num_sites = cfg.num_sites
+    avail = Availability(min(cfg.min_sites, num_sites), cfg.node_wait_timeout, cfg.max_failed_rounds)
+    trail = ServerAudit.open(cfg)  # RUN_DIR/audit.jsonl; a resumed run's site bindings are restored
+    described: Described | None = None
+    info = central.info if central else None
+    if not simulation:
+        try:
+            described = _describe(grid, cfg, avail, trail)
+            info = _agreed(described, cfg, avail, info)
+        except StudyFailed as exc:
+            return _failed(cfg, recorder, trail, str(exc), described, time.perf_counter() - t_start)
+    spec = model_spec_for(cfg, info)
     strategy = build_strategy(cfg, num_sites)
     fedbn = isinstance(strategy, FedBN)
     task = get_task(cfg.task)
     st = _initial_state(cfg, spec, strategy, recorder)
-    st.avail = Availability(min(cfg.min_sites, num_sites), cfg.node_wait_timeout, cfg.max_failed_rounds)
-    trail = ServerAudit.start(cfg, st.arrays, st.start_round)  # RUN_DIR/audit.jsonl
+    st.avail = avail
+    trail.record_start(cfg, st.arrays, st.start_round)
+    if described is not None:
+        trail.described(st.start_round - 1, described.sources(), described.failures, described.events)
     base_config = {ConfigKey.RUN_SEED.value: cfg.seed}
     if cfg.central_dp != "off":
         base_config[ConfigKey.CENTRAL_DP.value] = True
         restore_central_privacy(strategy, st.start_round - 1)
+    names = config_group_names(cfg.group_attribute, cfg.group_names)
 
     for rnd in range(st.start_round, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
@@ -231,31 +254,41 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         try:
             train_msgs = st.frozen.attach(strategy.configure_train(rnd, st.arrays, ConfigRecord(dict(base_config)), view))
         except PrivacyBudgetExhausted as exc:
-            log.warning("round %d: central DP budget reached (%s): the study stops after round %d", rnd, exc, rnd - 1)
+            st.avail.stop = StudyStop(rnd - 1, f"round {rnd}: central DP budget reached ({exc}): the study "
+                                               f"stops after round {rnd - 1}")
+            log.warning("%s", st.avail.stop.reason)
             break
+        log.info("round %d/%d: training at %d site(s)", rnd, cfg.num_server_rounds, len(train_msgs))
         t0 = time.perf_counter()
         train_replies = bound_replies(send_and_receive(grid, train_msgs, cfg.round_timeout), cfg.max_reply_mb)
         train_s = time.perf_counter() - t0
         admitted, refused, events = trail.binding.admit(train_replies, grid.get_node_ids)
         train_ok, failures = screen_train_replies(admitted, st.arrays, allow_subset=fedbn,
                                                   max_norm_ratio=cfg.max_update_norm_ratio)
-        failures = trail.binding.name(refused + failures)
+        failures = trail.binding.name(refused + failures + unanswered(train_msgs, train_replies, cfg.round_timeout))
+        log_failures("train", failures)
         capped = cap_weights(train_ok, cfg.max_site_weight_ratio)
         trail.train_round(rnd, train_msgs, train_replies, train_ok, failures, events, capped)
         if not train_ok and failures and all(BUDGET_EXHAUSTED in f.reason for f in failures):
-            log.warning("round %d: every site has exhausted its privacy budget: the study stops after "
-                        "round %d", rnd, rnd - 1)
+            st.avail.stop = StudyStop(rnd - 1, f"round {rnd}: every site has exhausted its privacy budget: the "
+                                               f"study stops after round {rnd - 1}")
+            log.warning("%s", st.avail.stop.reason)
             break
         agg_metrics = None
+        applied = False
         quorum = st.avail.quorum(rnd, len(train_ok))  # fewer than min-sites: the model stays unchanged
         if train_ok and quorum:
             new_arrays, agg_metrics = strategy.aggregate_train(rnd, train_ok)
             if new_arrays is not None:
                 st.arrays = keep_dtypes(new_arrays, st.arrays)
+                st.applied.append(rnd)
+                applied = True
         elif not train_ok:
             log.warning("round %d: no site trained successfully; the global model is unchanged", rnd)
 
-        evaluate_now = rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds
+        # a round that changed nothing is not evaluated again: the sites would spend their evaluation
+        # allowance (client/eval_guard.py) on a model they already evaluated
+        evaluate_now = applied and (rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds)
         eval_view = st.avail.view(grid, rnd, "evaluate") if evaluate_now else None
         eval_msgs = (
             st.frozen.attach(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), eval_view))
@@ -265,14 +298,14 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
         eval_replies = bound_replies(send_and_receive(grid, eval_msgs, cfg.round_timeout), cfg.max_reply_mb)
         eval_s = time.perf_counter() - t0
         per_site_eval, eval_failures, eval_capped = _screen_evaluation(grid, cfg, trail, rnd, "evaluate",
-                                                                       eval_replies)
+                                                                       eval_msgs, eval_replies)
         pooled = pool_validation(per_site_eval, score=task.score)
-        if evaluate_now and st.selection.consider(rnd, pooled):
-            st.best_arrays = st.arrays
-        test_metrics = _central_test(spec, st.frozen.full(st.arrays), central, cfg, pooled.threshold)
+        if evaluate_now and per_site_eval and st.selection.consider(rnd, pooled):
+            st.best_arrays = st.arrays  # never a round in which no site trained or evaluated
+        test_metrics = (_central_test(spec, st.frozen.full(st.arrays), central, cfg, pooled.threshold)
+                        if central is not None else pool_test(per_site_eval, None).metrics)
         fairness, site_fairness = round_fairness(per_site_eval, base_config.get(ConfigKey.THRESHOLD.value),
-                                                 central.info if central else None,
-                                                 config_group_names(cfg.group_attribute, cfg.group_names))
+                                                 info, names)
         sites = _site_rows(train_ok, per_site_eval, site_fairness)
         st.last_sites = sites
         for site, row in sites.items():  # privacy spent persists for sites that stop training
@@ -290,6 +323,7 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
             "capped": [c.to_dict() for c in capped + eval_capped],
             "selected": st.selection.best_round == rnd,
             "quorum": quorum,
+            "applied": applied,
         }
         if fairness is not None:  # per-group metrics at the threshold the sites applied (0.5 when none sent)
             record[FAIRNESS] = fairness
@@ -301,30 +335,93 @@ def run_federated(grid: Grid, cfg: StudyConfig) -> dict[str, Any]:
                 state_dict=arrays_to_state_dict(st.frozen.full(st.arrays)),
                 config=cfg.to_dict(),
                 round=rnd,
-                metrics={"sites": sites, "val": pooled.metrics, "test": test_metrics, "privacy": st.privacy},
+                metrics={"sites": sites, "val": pooled.metrics, "test": test_metrics, "privacy": st.privacy,
+                         APPLIED: list(st.applied)},
                 strategy_state=_tensor_state(strategy),
                 selection=st.selection.to_dict(),
                 best_state_dict=arrays_to_state_dict(st.frozen.full(st.best_arrays)),
             )
         )
         log.info(
-            "round %d/%d: val %s %s | test %s %s | %d/%d sites trained | %.1fs",
+            "round %d/%d: val %s %s | test %s %s | %d/%d sites trained, %d evaluated%s | %.1fs",
             rnd, cfg.num_server_rounds, task.monitor, _fmt(pooled.metrics.get(task.monitor, pooled.score)),
-            task.monitor, _fmt(test_metrics.get(task.monitor)), len(train_ok), len(train_msgs),
-            record["time"]["round-s"],
+            task.monitor, _fmt(test_metrics.get(task.monitor)), len(train_ok), len(train_msgs), len(per_site_eval),
+            "" if applied else " (not applied: the global model is unchanged)", record["time"]["round-s"],
         )
         if st.avail.stop is not None:
             break  # logged: what, why and how to fix
 
-    return _finish(grid, cfg, strategy, spec, central, recorder, st, time.perf_counter() - t_start, trail)
+    if not st.applied:
+        reason = _nothing_applied(cfg, st)
+        return _failed(cfg, recorder, trail, reason, described, time.perf_counter() - t_start, spec=spec)
+    if st.selection.best_round == 0 or st.selection.best_round not in st.applied:
+        # no evaluated round was applied (every evaluation failed): report the last round the sites trained
+        st.selection.best_round, st.selection.threshold = st.applied[-1], None
+        st.best_arrays = st.arrays
+    return _finish(grid, cfg, strategy, spec, central, info, recorder, st, time.perf_counter() - t_start, trail,
+                   described)
+
+
+def _describe(grid: Grid, cfg: StudyConfig, avail: Availability, trail: ServerAudit) -> Described:
+    """Wait (bounded) for min-sites sites and ask them to describe their data; StudyFailed when too few came."""
+    view = avail.view(grid, 0, "describe")
+    if view is None:
+        raise StudyFailed(avail.stop.reason if avail.stop else "too few sites connected")
+    return describe_sites(grid, view.get_node_ids(), cfg, trail.binding)
+
+
+def _agreed(described: Described, cfg: StudyConfig, avail: Availability, central: DatasetInfo | None) -> DatasetInfo:
+    """The data shape the describing sites share; StudyFailed when too few described it or they disagree."""
+    if len(described.facts) < avail.min_sites:
+        why = "; ".join(f"{f.who}: {f.reason}" for f in described.failures) or "no answer"
+        raise StudyFailed(f"only {len(described.facts)} site(s) described their data, fewer than min-sites="
+                          f"{avail.min_sites} ({why})")
+    return agreed_info(described.facts, cfg, central)
+
+
+def _nothing_applied(cfg: StudyConfig, st: _State) -> str:
+    stop = st.avail.stop if st.avail else None
+    if stop is not None:
+        return f"no round was applied: {stop.reason}"
+    return (f"no round was applied: in none of the {cfg.num_server_rounds} round(s) did min-sites={cfg.min_sites} "
+            "site(s) train successfully; each round's failures, by site, are in metrics.jsonl and in the log")
+
+
+def _failed(cfg: StudyConfig, recorder: RunRecorder, trail: ServerAudit, reason: str, described: Described | None,
+            wall_s: float, spec: ModelSpec | None = None) -> dict[str, Any]:
+    """The summary of a study with nothing to report: its reason, its failures, no test metrics, no model."""
+    log.error("study failed: %s", reason)
+    if not trail.started:
+        trail.record_start(cfg, None, 1)
+    if described is not None:
+        trail.described(0, described.sources(), described.failures, described.events)
+    summary: dict[str, Any] = {
+        "mode": "federated", "strategy": cfg.strategy, "rounds": cfg.num_server_rounds, "task": cfg.task,
+        "outcome": Outcome(FAILED, reason).to_dict(), "selected-round": None, "test": {},
+        "failures": [f.to_dict() for f in (described.failures if described else [])],
+        "model": spec.to_dict() if spec else None, "config": cfg.to_dict(),
+        "dataset": _dataset_record(cfg, None, described), "wall-s": wall_s,
+    }
+    summary[AUDIT_HEAD] = trail.run_failed(reason)
+    recorder.write_summary(summary)
+    return summary
+
+
+def _dataset_record(cfg: StudyConfig, central: CentralData | None, described: Described | None) -> dict[str, Any]:
+    record: dict[str, Any] = {"name": central.info.name if central else cfg.dataset, "num-sites": cfg.num_sites}
+    if described is not None:
+        record["name"] = central.info.name if central else SITE_DATA_NAME
+        record["sources"] = described.sources()  # what each site serves: synthetic, medmnist, manifest, dicom
+    return record
 
 
 def _screen_evaluation(grid: Grid, cfg: StudyConfig, trail: ServerAudit, rnd: int, phase: str,
-                       replies: list[Message]) -> tuple[dict[str, dict], list[Failure], list[Capped]]:
-    """Bind, screen and cap one evaluation phase's replies, and audit what was refused."""
+                       sent: list[Message], replies: list[Message]) -> tuple[dict[str, dict], list[Failure], list[Capped]]:
+    """Bind, screen and cap one evaluation phase's replies, and audit what was refused or never came."""
     admitted, refused, events = trail.binding.admit(replies, grid.get_node_ids)
     per_site, failures = screen_evaluate_replies(admitted)
-    failures = trail.binding.name(refused + failures)
+    failures = trail.binding.name(refused + failures + unanswered(sent, replies, cfg.round_timeout))
+    log_failures(phase, failures)
     capped = cap_eval_weights(per_site, cfg.max_site_weight_ratio, trail.binding.node_of)
     trail.evaluation(rnd, phase, failures, events, capped)
     return per_site, failures, capped
@@ -337,7 +434,8 @@ def _tensor_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
 
 
 def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, central: CentralData | None,
-            recorder: RunRecorder, st: _State, wall_s: float, trail: ServerAudit) -> dict[str, Any]:
+            info: DatasetInfo | None, recorder: RunRecorder, st: _State, wall_s: float, trail: ServerAudit,
+            described: Described | None) -> dict[str, Any]:
     """Evaluate the selected model at every site and centrally with the chosen threshold."""
     sel = st.selection
     final_cfg: dict[str, Any] = {ConfigKey.RUN_SEED.value: cfg.seed}
@@ -348,8 +446,8 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
             if view is not None else [])
     best, last = st.frozen.full(st.best_arrays), st.frozen.full(st.arrays)
     replies = bound_replies(send_and_receive(grid, msgs, cfg.round_timeout), cfg.max_reply_mb)
-    per_site, failures, capped = _screen_evaluation(grid, cfg, trail, sel.best_round, "final-evaluate", replies)
-    info = central.info if central else None
+    per_site, failures, capped = _screen_evaluation(grid, cfg, trail, sel.best_round, "final-evaluate", msgs,
+                                                    replies)
     fairness = summary_fairness(per_site, sel.threshold, info, cfg.seed, central_scores(
         spec, best, central.test if central else None, cfg.device, cfg.task),
         override=config_group_names(cfg.group_attribute, cfg.group_names))
@@ -359,28 +457,44 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
             if key in st.last_sites.get(site, {}):
                 row[key] = st.last_sites[site][key]
         row.update(st.privacy.get(site, {}))
+    site_test = pool_test(per_site, sel.threshold)
+    if central is not None:
+        test = {**_central_test(spec, best, central, cfg, sel.threshold),
+                **final_task_metrics(spec, best, central, cfg.device, cfg.seed)}
+        source = {"kind": "server", "note": f"the server's own test split of {central.info.name}"}
+        final_round_test = _central_test(spec, last, central, cfg, sel.threshold)
+    else:
+        test, final_round_test = site_test.metrics, {}  # the last model is not evaluated at the chosen threshold
+        source = {"kind": "sites", "note": site_test.note}
+    source["sites"] = site_test.counts
+    stop = st.avail.stop if st.avail else None
+    outcome = Outcome(STOPPED, stop.reason) if stop is not None else Outcome(COMPLETED)
     summary = {
         "mode": "federated",
+        "outcome": outcome.to_dict(),
         "strategy": cfg.strategy,
         "rounds": cfg.num_server_rounds,
+        "applied-rounds": list(st.applied),
         "selected-round": sel.best_round,
         "selection": sel.rule,
         "selection-note": _selection_note(cfg),
         "task": cfg.task,
         "threshold": sel.threshold,
-        "test": {**_central_test(spec, best, central, cfg, sel.threshold),
-                 **final_task_metrics(spec, best, central, cfg.device, cfg.seed)},
-        "final-round-test": _central_test(spec, last, central, cfg, sel.threshold),
+        "test": test,
+        "test-source": source,
+        "final-round-test": final_round_test,
         "sites": sites,
         "failures": [f.to_dict() for f in failures],
         "capped": [c.to_dict() for c in capped],
         "model": spec.to_dict(),
         "config": cfg.to_dict(),
-        "dataset": {"name": central.info.name if central else cfg.dataset, "num-sites": cfg.num_sites},
+        "dataset": _dataset_record(cfg, central, described),
         "wall-s": wall_s,
     }
-    if st.avail and st.avail.stop is not None:
-        summary["stopped"] = st.avail.stop.to_dict()
+    if central is not None and site_test.metrics:
+        summary["site-test"] = site_test.metrics  # the sites' own test splits, pooled, beside the server's
+    if stop is not None:
+        summary["stopped"] = stop.to_dict()
     if fairness is not None:
         summary[FAIRNESS] = fairness
     if (central_dp := central_privacy(strategy)) is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +45,44 @@ class Failure:
     site: str | None
     node: int
     reason: str
+    bound: bool = True  # False: the site id is only what this node's error reply said (not yet bound to it)
 
     def to_dict(self) -> dict[str, object]:
-        return {"site": self.site, "node": self.node, "reason": self.reason}
+        record: dict[str, object] = {"site": self.site, "node": self.node, "reason": self.reason}
+        if not self.bound:
+            record["site-unverified"] = True
+        return record
+
+    @property
+    def who(self) -> str:
+        """The site id first, the node id beside it (the id alone when no reply ever named the site)."""
+        if self.site and self.bound:
+            return f"site {self.site} (node {self.node})"
+        if self.site:
+            return f"site {self.site} (node {self.node}; named by its error reply, not yet bound)"
+        return f"node {self.node} (site id unknown: no reply from this node has named its site)"
+
+
+_CLAIM = re.compile(r"site ([A-Za-z0-9][A-Za-z0-9_.-]{0,63}): ")
+
+
+def claimed_site(reason: str) -> str | None:
+    """The site id an error reply's reason starts with (``site X: ...``, as every medfed site writes it)."""
+    match = _CLAIM.match(reason)
+    return match.group(1) if match else None
+
+
+def error_failure(msg: Message) -> Failure | None:
+    """The failure an error reply reports (its site is named later by the binding), or None for a reply."""
+    if not msg.has_error():
+        return None
+    return Failure(None, msg.metadata.src_node_id, msg.error.reason or f"error code {msg.error.code}")
+
+
+def log_failures(phase: str, failures: list[Failure]) -> None:
+    """One warning per failure, after the binding named it: ``train from site X (node N) failed: why``."""
+    for f in failures:
+        log.warning("%s from %s failed: %s", phase, f.who, f.reason)
 
 
 def site_of(msg: Message) -> str | None:
@@ -179,29 +215,32 @@ def cap_weights(good: list[Message], max_ratio: float) -> list[Capped]:
 
 
 def cap_eval_weights(per_site: dict[str, dict], max_ratio: float, nodes: dict[str, int]) -> list[Capped]:
-    """:func:`cap_weights` for evaluation metrics: ``num-examples`` and the validation histograms.
+    """:func:`cap_weights` for evaluation metrics: each split's count and its score histograms.
 
-    A site whose validation weight exceeds the bound has its ``num-examples`` lowered to it
-    and its pooled histograms scaled down by the same factor, so it cannot choose the round
-    or the threshold alone by claiming a huge split. ``nodes``: site -> node, for the record.
+    A site whose validation (or test) count exceeds the bound has that count lowered to it
+    and the split's pooled histograms scaled down by the same factor, so it cannot choose the
+    round or the threshold, or move the pooled test metrics, alone by claiming a huge split.
+    ``nodes``: site -> node, for the record.
     """
-    key = MetricKey.NUM_EXAMPLES.value
-    bound = _weight_bound([w for m in per_site.values() if (w := float(m.get(key, 0.0))) > 0], max_ratio)
-    if bound is None:
-        return []
+    from medfed.common.reply_schema import SPLIT_HISTOGRAMS
+
     capped: list[Capped] = []
-    for site, metrics in per_site.items():
-        claimed = float(metrics.get(key, 0.0))
-        if claimed <= bound:
+    for split, (pos, neg, key) in SPLIT_HISTOGRAMS.items():
+        bound = _weight_bound([w for m in per_site.values() if (w := float(m.get(key, 0.0))) > 0], max_ratio)
+        if bound is None:
             continue
-        factor = bound / claimed
-        metrics[key] = bound
-        for hist in (MetricKey.VAL_HIST_POS.value, MetricKey.VAL_HIST_NEG.value):
-            if hist in metrics:
-                metrics[hist] = [float(v) * factor for v in metrics[hist]]
-        capped.append(Capped(site, nodes.get(site, 0), claimed, bound))
-        log.warning("site %s claims %g validation samples, more than max-site-weight-ratio=%g x the median: "
-                    "weighted as %g", site, claimed, max_ratio, bound)
+        for site, metrics in per_site.items():
+            claimed = float(metrics.get(key, 0.0))
+            if claimed <= bound:
+                continue
+            factor = bound / claimed
+            metrics[key] = bound
+            for hist in (pos, neg):
+                if hist in metrics:
+                    metrics[hist] = [float(v) * factor for v in metrics[hist]]
+            capped.append(Capped(site, nodes.get(site, 0), claimed, bound))
+            log.warning("site %s claims %g %s samples, more than max-site-weight-ratio=%g x the median: "
+                        "weighted as %g", site, claimed, split, max_ratio, bound)
     return capped
 
 
@@ -218,8 +257,8 @@ def screen_train_replies(
     failures: list[Failure] = []
     for msg in replies:
         node = msg.metadata.src_node_id
-        if msg.has_error():
-            failures.append(Failure(None, node, msg.error.reason or f"error code {msg.error.code}"))
+        if (error := error_failure(msg)) is not None:
+            failures.append(error)
             continue
         site = site_of(msg)
         problem = _check_update(msg, reference, allow_subset)
@@ -236,8 +275,6 @@ def screen_train_replies(
             good = []
     good, too_large = screen_update_norms(good, reference, max_norm_ratio)
     failures += too_large
-    for f in failures:
-        log.warning("excluded reply from site %s (node %s): %s", f.site, f.node, f.reason)
     good.sort(key=lambda pair: pair[0])
     return [m for _, m in good], failures
 
@@ -253,8 +290,8 @@ def screen_evaluate_replies(replies: list[Message]) -> tuple[dict[str, dict], li
     failures: list[Failure] = []
     for msg in replies:
         node = msg.metadata.src_node_id
-        if msg.has_error():
-            failures.append(Failure(None, node, msg.error.reason or f"error code {msg.error.code}"))
+        if (error := error_failure(msg)) is not None:
+            failures.append(error)
             continue
         site = site_of(msg)
         metrics = msg.content.get(RecordKey.METRICS.value)
@@ -268,6 +305,4 @@ def screen_evaluate_replies(replies: list[Message]) -> tuple[dict[str, dict], li
             failures.append(Failure(site, node, f"a second evaluation reply for site {site} is refused"))
             continue
         per_site[site] = dict(metrics)
-    for f in failures:
-        log.warning("evaluation from site %s (node %s) failed: %s", f.site, f.node, f.reason)
     return dict(sorted(per_site.items())), failures

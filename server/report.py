@@ -360,7 +360,16 @@ def _test_table(summary: Mapping[str, Any]) -> list[str]:
         header.append("final round")
     keys = TASK_TEST_METRICS.get(str(summary.get("task", "classification")), TEST_METRICS)
     rows = [[key, _fmt(selected.get(key))] + ([_fmt(final.get(key))] if final else []) for key in keys]
-    return ["## Test metrics", "", *_md_table(header, rows), ""]
+    source = summary.get("test-source") or {}
+    lines = ["## Test metrics", ""]
+    if source.get("note"):
+        counts = ", ".join(f"{site} n={n}" for site, n in (source.get("sites") or {}).items())
+        lines += [f"Measured on {source['note']}" + (f"; each site's test samples: {counts}" if counts else "") + ".",
+                  ""]
+    if not selected:
+        return lines + ["No test metrics: " + str((summary.get("outcome") or {}).get("reason") or
+                                                  "no site reported any") + ".", ""]
+    return lines + [*_md_table(header, rows), ""]
 
 
 def _site_table(summary: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from medfed.common.errors import ConfigError, MedfedError
 from medfed.common.logs import emit
 from medfed.common.process import FLOWER_ENV
+from medfed.server.outcome import EXIT_RUN_ERROR, EXIT_TIMEOUT
 
 try:
     import tomllib
@@ -61,6 +62,11 @@ _ANY_HEADER = re.compile(r"^\s*\[")
 class RunResult:
     run_id: int
     status: str | None = None  # None when not waited for, else e.g. "finished:completed"
+    details: str = ""  # Flower's status details: a failed ServerApp's exception (medfed: the study's outcome)
+
+
+class WaitTimeout(MedfedError):
+    """``--timeout`` passed before the run finished (the run goes on at the server)."""
 
 
 def parse_server_address(server: str) -> tuple[str, int]:
@@ -188,12 +194,18 @@ def _error_text(text: str | None) -> str:
     return " ".join(kept)
 
 
+def deployment_run_config() -> dict[str, Any]:
+    """The run config a deployed study starts from: StudyConfig's defaults on the sites' own data."""
+    from medfed.common.config import SITE_DATA, StudyConfig
+
+    return StudyConfig(dataset=SITE_DATA).to_dict()
+
+
 def default_app(dest: Path) -> Path:
     """The installed medfed app: components + default run config (code is installed at both ends)."""
-    from medfed.common.config import StudyConfig
     from medfed.common.flwr_app import write_flower_app
 
-    return write_flower_app(dest, StudyConfig().to_dict())
+    return write_flower_app(dest, deployment_run_config())
 
 
 def _is_flower_app(folder: Path) -> bool:
@@ -243,13 +255,18 @@ def stage_app(app_dir: str | Path, dest: str | Path) -> Path:
     return dst
 
 
-def run_status(run_id: int, flwr_home: Path, timeout: float = CLI_TIMEOUT_S) -> str:
-    """Status of one run, e.g. ``running`` or ``finished:completed``."""
+def run_info(run_id: int, flwr_home: Path, timeout: float = CLI_TIMEOUT_S) -> tuple[str, str]:
+    """(status, status details) of one run, e.g. ``("finished:failed", "ServerApp failed with exception: ...")``."""
     proc = run_flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], flwr_home, timeout=timeout)
     runs = flwr_json(proc, "`flwr ls`").get("runs", [])
     if not runs:
         raise MedfedError(f"the SuperLink does not know run {run_id}")
-    return str(runs[0]["status"])
+    return str(runs[0]["status"]), str(runs[0].get("status-details") or "")
+
+
+def run_status(run_id: int, flwr_home: Path, timeout: float = CLI_TIMEOUT_S) -> str:
+    """Status of one run, e.g. ``running`` or ``finished:completed``."""
+    return run_info(run_id, flwr_home, timeout)[0]
 
 
 def submit_run(
@@ -288,13 +305,15 @@ def submit_run(
             try:
                 run_flwr(["log", str(run_id), CONNECTION, "--stream"], home, timeout=remaining, capture=False)
             except MedfedError:
-                raise MedfedError(f"run {run_id} did not finish within {timeout:.0f} s") from None
+                raise WaitTimeout(f"run {run_id} did not finish within --timeout={timeout:.0f} s; it goes on at "
+                                  "the server (follow it with `flwr log` or wait again)") from None
         while True:
-            status = run_status(run_id, home)
+            status, details = run_info(run_id, home)
             if status.startswith("finished"):
-                return RunResult(run_id, status)
+                return RunResult(run_id, status, details)
             if deadline is not None and time.monotonic() > deadline:
-                raise MedfedError(f"run {run_id} did not finish within {timeout:.0f} s (status: {status})")
+                raise WaitTimeout(f"run {run_id} did not finish within --timeout={timeout:.0f} s (status: {status}); "
+                                  "it goes on at the server")
             time.sleep(poll_interval)
 
 
@@ -314,21 +333,45 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-config", default=None, help="overrides, e.g. \"num-server-rounds=2 lr=0.01 out-dir='runs/a'\"")
     parser.add_argument("--resume", action="store_true",
                         help="continue out-dir's study from its newest checkpoints/round-NNNN.pt (found by the server)")
-    parser.add_argument("--wait", action="store_true", help="wait until the run finishes; exit 1 unless it completed")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait until the run finishes; exit 0 completed, 3 stopped early, 4 failed, "
+                             "1 other run error, 5 --timeout passed")
     parser.add_argument("--stream", action="store_true", help="stream the run's logs until it finishes (implies --wait)")
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     parser.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run ``medfed run``: print the run id (and final status); 1 when the run did not complete."""
-    result = submit_run(
-        args.server, app_dir=args.app, insecure=args.insecure, root_cert=args.root_cert,
-        run_config=resume_latest(args.run_config) if args.resume else args.run_config,
-        wait=args.wait, stream=args.stream, timeout=args.timeout,
-    )
+    """Run ``medfed run``: print the run id and, when waiting, how the study ended; exit with its code.
+
+    0: completed; 3: the study stopped early (partial results written); 4: it failed (nothing to
+    report); 1: the run ended otherwise (the ServerApp crashed, ``flwr stop``); 5: --timeout passed.
+    """
+    try:
+        result = submit_run(
+            args.server, app_dir=args.app, insecure=args.insecure, root_cert=args.root_cert,
+            run_config=resume_latest(args.run_config) if args.resume else args.run_config,
+            wait=args.wait, stream=args.stream, timeout=args.timeout,
+        )
+    except WaitTimeout as exc:
+        emit(f"medfed: {exc}")
+        return EXIT_TIMEOUT
     if result.status is None:
         emit(f"submitted run {result.run_id} to {args.server}")
         return 0
-    emit(f"run {result.run_id}: {result.status}")
-    return 0 if result.status == RUN_COMPLETED else 1
+    code, line = run_exit(result)
+    emit(line)
+    return code
+
+
+def run_exit(result: RunResult) -> tuple[int, str]:
+    """(exit code, one line) for a finished run: the study's outcome when medfed recorded one."""
+    from medfed.server.outcome import outcome_from_details
+
+    if result.status == RUN_COMPLETED:
+        return 0, f"run {result.run_id}: {result.status}"
+    outcome = outcome_from_details(result.details)
+    if outcome is not None:
+        return outcome.exit_code, f"run {result.run_id}: study {outcome.status}: {outcome.reason}"
+    why = result.details or f"see `flwr log {result.run_id}` on the server"
+    return EXIT_RUN_ERROR, f"run {result.run_id}: {result.status}: {why}"

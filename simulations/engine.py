@@ -126,6 +126,7 @@ def run_on_simulation_engine(cfg: StudyConfig, attack: AttackSpec | None = None)
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
     from medfed.client.app import app as client_app
+    from medfed.common.constants import NodeConfigKey
     from medfed.common.data.partition_summary import write_study_partition
     from medfed.server.app import app as server_app
 
@@ -159,7 +160,8 @@ def run_on_simulation_engine(cfg: StudyConfig, attack: AttackSpec | None = None)
     TaskIdentity.run_id = run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     server_context = Context(
-        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+        run_id=run.run_id, node_id=0, node_config={NodeConfigKey.SIMULATION.value: True}, state=RecordDict(),
+        run_config=run_config,
     )
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no data about the study leaves the machine
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -41,13 +41,16 @@ class LocalDeployment:
     """SuperLink + ``sites`` SuperNodes on loopback; TLS + site authentication unless insecure.
 
     ``data``: a MedMNIST ``.npz`` file, each site holding one IID shard of it; ``None``
-    gives each site one shard of the synthetic dataset.
+    gives each site one shard of the synthetic dataset. Like a real coordinator the server
+    holds no data: its test metrics are the pool of the sites'. ``server_data=True`` hands it
+    ``data`` as well (``data-path`` in the run config), for central evaluation on the same file.
     """
 
     base: Path
     data: Path | None = None
     sites: int = 2
     insecure: bool = False
+    server_data: bool = False
     server: str = ""
     root_cert: Path | None = None
     site_ids: list[str] = field(default_factory=list)
@@ -73,8 +76,8 @@ class LocalDeployment:
         certs = self.base / "certs"
         try:
             if not self.insecure:
-                create_ca(certs)
-                create_server_cert(certs, certs, ["127.0.0.1", "localhost"])
+                create_ca(self.base / "certs-ca")  # the CA key stays out of the folder the server reads
+                create_server_cert(certs, self.base / "certs-ca", ["127.0.0.1", "localhost"])
                 self.root_cert = certs / "ca.crt"
             cfg = ServerDeployConfig(
                 state_dir=self.state_dir, certs_dir=None if self.insecure else certs,
@@ -175,21 +178,28 @@ class LocalDeployment:
 
     def run_study(self, rounds: int = 2, extra: dict[str, Any] | None = None,
                   out_dir: str = "runs/study", timeout: float = RUN_TIMEOUT_S) -> Path:
-        """Submit the medfed app with ``medfed run`` semantics; returns the run directory."""
+        """Submit the medfed app with ``medfed run`` semantics; returns the run directory of a completed study."""
         from medfed.common.errors import MedfedError
-        from medfed.server.submit import RUN_COMPLETED, submit_run
+        from medfed.server.submit import RUN_COMPLETED, run_exit
 
-        result = submit_run(self.server, insecure=self.insecure, root_cert=self.root_cert,
-                            run_config=self.study_config(rounds, extra, out_dir), wait=True, timeout=timeout)
+        result = self.submit_study(rounds, extra, out_dir, timeout)
         if result.status != RUN_COMPLETED:
-            raise MedfedError(f"run {result.run_id} ended as {result.status}: see `flwr log {result.run_id}`")
+            raise MedfedError(f"{run_exit(result)[1]} (see `flwr log {result.run_id}`)")
         return self.state_dir / out_dir
 
+    def submit_study(self, rounds: int = 2, extra: dict[str, Any] | None = None,
+                     out_dir: str = "runs/study", timeout: float = RUN_TIMEOUT_S) -> Any:
+        """Submit and wait, whatever the outcome; returns the finished run's :class:`RunResult`."""
+        from medfed.server.submit import submit_run
+
+        return submit_run(self.server, insecure=self.insecure, root_cert=self.root_cert,
+                          run_config=self.study_config(rounds, extra, out_dir), wait=True, timeout=timeout)
+
     def study_config(self, rounds: int, extra: dict[str, Any] | None, out_dir: str) -> str:
-        """The ``--run-config`` string of a study on these sites."""
+        """The ``--run-config`` string of a study on these sites (the server holds no data: see ``server_data``)."""
         config: dict[str, Any] = {"num-server-rounds": rounds, "num-sites": self.sites,
                                   "min-sites": self.sites, "out-dir": out_dir}
-        if self.data is not None:
+        if self.data is not None and self.server_data:
             config.update({"dataset": "medmnist", "data-path": str(self.data.resolve())})
         config.update(extra or {})
         return run_config_string(config)

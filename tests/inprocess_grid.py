@@ -9,7 +9,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 Tamper = Callable[[int, Message, Message], Message]
-"""``tamper(partition_id, sent, reply) -> reply``: what a hostile site sends instead."""
+"""``tamper(partition_id, sent, reply) -> reply``: what a hostile site sends instead (None: no reply at all)."""
 
 
 class InProcessGrid(Grid):
@@ -49,7 +49,8 @@ class InProcessGrid(Grid):
             reply = app(msg, ctx)
             if self.tamper is not None:
                 reply = self.tamper(self.nodes[node], msg, reply)
-            self.replies[msg.metadata.message_id] = reply
+            if reply is not None:  # None: the site never answers this message
+                self.replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids
 

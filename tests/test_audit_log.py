@@ -198,7 +198,7 @@ def study_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("audit-study")
     cfg = StudyConfig(num_sites=3, num_server_rounds=2, local_steps=2, batch_size=32, seed=3, out_dir=str(out))
-    run_federated(InProcessGrid(3, cfg.to_dict()), cfg)
+    run_federated(InProcessGrid(3, cfg.to_dict()), cfg, simulation=True)
     return out
 
 
@@ -279,7 +279,7 @@ def test_a_resumed_study_continues_the_same_trail(study_run: Path, tmp_path: Pat
     before = len(list(read_entries(run / "audit.jsonl")))
     cfg = StudyConfig(num_sites=3, num_server_rounds=2, local_steps=2, batch_size=32, seed=3, out_dir=str(run),
                       resume=str(run / "checkpoints" / "round-0001.pt"))
-    run_federated(InProcessGrid(3, cfg.to_dict()), cfg)
+    run_federated(InProcessGrid(3, cfg.to_dict()), cfg, simulation=True)
     summary = json.loads((run / "summary.json").read_text())
     result = verify(run / "audit.jsonl", anchor=summary["audit-head"])
     assert result.ok and result.after_anchor == 0
@@ -295,7 +295,7 @@ def test_refusals_are_recorded_at_the_site_and_the_server(tmp_path: Path):
 
     cfg = StudyConfig(num_sites=2, num_server_rounds=2, local_steps=2, batch_size=32, seed=3, out_dir=str(tmp_path),
                       model="cnn-dp", epsilon=1e-4)
-    run_federated(InProcessGrid(2, cfg.to_dict()), cfg)
+    run_federated(InProcessGrid(2, cfg.to_dict()), cfg, simulation=True)
     server = list(read_entries(tmp_path / "audit.jsonl"))
     rejected = [e for e in server if e["event"] == "rejected"]
     assert len(rejected) == 2 and all("privacy budget exhausted" in e["reason"] for e in rejected)

@@ -169,13 +169,17 @@ def test_medfed_run_resume_flag() -> None:
         resume_latest("resume='x.pt'")
 
 
-def test_study_without_sites_stops_and_still_writes_its_summary(tmp_path: Path) -> None:
-    """The whole ServerApp loop on a grid where no site ever connects: bounded, summary written."""
+def test_study_without_sites_fails_and_still_writes_its_summary(tmp_path: Path) -> None:
+    """The whole ServerApp loop on a grid where no site ever connects: bounded, failed, summary written."""
     from medfed.server.federation import run_federated
 
     cfg = StudyConfig(dataset="synthetic", num_sites=2, min_sites=2, num_server_rounds=3, node_wait_timeout=0.0,
                       out_dir=str(tmp_path / "run"))
     clock = FakeClock()
-    summary = run_federated(FakeGrid([(0, [])], clock), cfg)
-    assert summary["stopped"]["after-round"] == 0 and "min-sites=2" in summary["stopped"]["reason"]
-    assert (tmp_path / "run" / "summary.json").is_file() and summary["test"]
+    summary = run_federated(FakeGrid([(0, [])], clock), cfg, simulation=True)
+    outcome = summary["outcome"]
+    assert outcome["status"] == "failed" and "no round was applied" in outcome["reason"]
+    assert "min-sites=2" in outcome["reason"] and "after waiting node-wait-timeout=0 s" in outcome["reason"]
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert summary["test"] == {} and summary["selected-round"] is None  # nothing trained: no test metrics
+    assert not (tmp_path / "run" / "model.pt").exists()

@@ -130,7 +130,11 @@ def test_cli_all_makes_every_file_and_always_includes_localhost(tmp_path: Path, 
     args = parser.parse_args(["all", "--out", str(out), "--host", "10.1.2.3", "--site-id", "site-a"])
     assert args.func(args) == 0
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == ["ca.crt", "ca.key", "server.crt", "server.key", "sites/site-a.key", "sites/site-a.pub"]
+    # the server's folder: no CA key in it (deploy/README: keep ca.key offline)
+    assert names == ["ca.crt", "server.crt", "server.key", "sites/site-a.key", "sites/site-a.pub"]
+    ca_dir = tmp_path / "certs-ca"
+    assert sorted(p.name for p in ca_dir.iterdir()) == ["ca.crt", "ca.key"]
+    assert (out / "ca.crt").read_bytes() == (ca_dir / "ca.crt").read_bytes()
     cert = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "127.0.0.1"}
@@ -138,3 +142,35 @@ def test_cli_all_makes_every_file_and_always_includes_localhost(tmp_path: Path, 
     assert str(out / "server.crt") in capsys.readouterr().out
     with pytest.raises(ConfigError, match="overwrite"):  # checked before anything is written
         cmd_certs(args)
+
+
+def test_cli_all_keeps_the_ca_key_out_of_the_server_folder_and_certs_server_finds_it(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_certs_arguments(parser)
+    out, offline = tmp_path / "server-certs", tmp_path / "offline" / "ca"
+    args = parser.parse_args(["all", "--out", str(out), "--ca-out", str(offline)])
+    assert args.func(args) == 0
+    assert not list(out.rglob("ca.key")) and (offline / "ca.key").is_file()
+    assert _mode(offline / "ca.key") == 0o600
+    # later: a new server certificate signed by that CA, found where `certs all` put it
+    renew = parser.parse_args(["server", "--ca", str(offline), "--out", str(tmp_path / "renewed"),
+                               "--host", "fl.example.org"])
+    assert renew.func(renew) == 0
+    ca = x509.load_pem_x509_certificate((offline / "ca.crt").read_bytes())
+    x509.load_pem_x509_certificate((tmp_path / "renewed" / "server.crt").read_bytes()).verify_directly_issued_by(ca)
+    # the default CA folder of `certs all` works the same way
+    args = parser.parse_args(["all", "--out", str(tmp_path / "demo")])
+    assert args.func(args) == 0
+    renew = parser.parse_args(["server", "--ca", str(tmp_path / "demo-ca"), "--out", str(tmp_path / "r2")])
+    assert renew.func(renew) == 0
+
+
+@pytest.mark.parametrize("inside", [".", "ca", "sub/ca"])
+def test_cli_all_refuses_a_ca_folder_inside_the_server_folder(tmp_path: Path, inside: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_certs_arguments(parser)
+    out = tmp_path / "certs"
+    args = parser.parse_args(["all", "--out", str(out), "--ca-out", str(out / inside)])
+    with pytest.raises(ConfigError, match="--ca-out .* is inside --out"):
+        cmd_certs(args)
+    assert not out.exists()  # nothing written

@@ -29,9 +29,12 @@ def test_pyproject_run_config_parses():
     run_config = data["tool"]["flwr"]["app"]["config"]
     cfg = parse_study_config(run_config)
     assert cfg.strategy in STRATEGIES
-    # `flwr run .` must study exactly what `medfed simulate` studies by default
-    assert cfg.replace(out_dir=StudyConfig().out_dir) == StudyConfig()
-    assert set(run_config) == set(StudyConfig().to_dict())
+    # `flwr run . <connection>` must submit exactly what `medfed run` submits by default: the sites' own data
+    from medfed.server.submit import deployment_run_config
+
+    assert set(run_config) == set(deployment_run_config())
+    assert cfg.replace(out_dir=StudyConfig().out_dir) == parse_study_config(deployment_run_config())
+    assert cfg.dataset == "site-data" and cfg.replace(dataset="synthetic", out_dir=StudyConfig().out_dir) == StudyConfig()
 
 
 @pytest.mark.parametrize(

@@ -233,7 +233,8 @@ def test_medfed_app_two_sites_two_rounds(tmp_path: Path, shared_data: Path, secu
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "federated" and summary["rounds"] == 2
     assert set(summary["sites"]) == {"site-a", "site-b"}
-    assert 0.5 < summary["test"]["auc"] <= 1.0  # the official test split, at the server
+    assert 0.5 < summary["test"]["auc"] <= 1.0  # the sites' test shards, pooled: the server holds no data
+    assert summary["test-source"]["kind"] == "sites" and sum(summary["test-source"]["sites"].values()) == 624
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:

@@ -24,6 +24,7 @@ import pytest
 
 from medfed.server.submit import RUN_COMPLETED, flower_cli_home, run_status, submit_run
 from medfed.simulations.loopback import LocalDeployment
+from tests.medfed_procs import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +40,7 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 
 def _wait_for(what: str, check, timeout: float = 300.0, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return wait_for(what, check, timeout, poll)
 
 
 def _wait_run(dep: LocalDeployment, run_id: int, timeout: float = RUN_TIMEOUT_S) -> str:
@@ -127,22 +123,26 @@ def test_server_killed_between_rounds_resumes_to_same_result(tmp_path: Path) -> 
     assert [r["test"] for r in rounds] == [r["test"] for r in _rounds(full)]
 
 
-def test_too_few_sites_stops_after_node_wait_timeout(tmp_path: Path) -> None:
+def test_too_few_sites_fail_the_study_after_node_wait_timeout(tmp_path: Path) -> None:
+    from medfed.server.submit import run_exit
+
     dep = LocalDeployment(tmp_path / "dep", sites=2, insecure=True)
     extra = {**FAST, "num-sites": 3, "min-sites": 3, "node-wait-timeout": 5.0}
     try:
         with dep:
             start = time.monotonic()
-            run_dir = dep.run_study(rounds=2, extra=extra, out_dir="runs/short", timeout=180)
+            result = dep.submit_study(rounds=2, extra=extra, out_dir="runs/short", timeout=180)
             elapsed = time.monotonic() - start
             leftovers = dep.stop()
     finally:
         print(dep.log_tails())
     assert not leftovers
-    summary = json.loads((run_dir / "summary.json").read_text())
-    stopped = summary["stopped"]
-    assert stopped["after-round"] == 0
-    assert "only 2 site(s) connected" in stopped["reason"] and "min-sites=3" in stopped["reason"]
-    assert "node-wait-timeout=5 s" in stopped["reason"] and "medfed site start" in stopped["reason"]
-    assert _rounds(run_dir) == [] and summary["test"]  # no round completed; the initial model is what is reported
+    code, line = run_exit(result)
+    assert code == 4 and "study failed" in line  # `medfed run --wait` exits 4: nothing to report
+    summary = json.loads((dep.state_dir / "runs/short" / "summary.json").read_text())
+    outcome = summary["outcome"]
+    assert outcome["status"] == "failed" and outcome["reason"] in line
+    assert "only 2 site(s) connected" in outcome["reason"] and "min-sites=3" in outcome["reason"]
+    assert "node-wait-timeout=5 s" in outcome["reason"] and "medfed site start" in outcome["reason"]
+    assert _rounds(dep.state_dir / "runs/short") == [] and summary["test"] == {}  # no round: no test metrics
     assert elapsed < 120  # bounded: 5 s of waiting plus start-up, not Flower's endless wait

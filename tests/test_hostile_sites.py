@@ -33,7 +33,7 @@ def _task_identity():
 def _study(tmp_path: Path, tamper, rounds: int = 2, **overrides) -> tuple[dict, list[dict], list[dict]]:
     cfg = StudyConfig(num_sites=5, num_server_rounds=rounds, local_steps=2, batch_size=32, seed=3, min_eval_n=5,
                       out_dir=str(tmp_path / "run"), **overrides)
-    summary = run_federated(InProcessGrid(5, cfg.to_dict(), tamper), cfg)
+    summary = run_federated(InProcessGrid(5, cfg.to_dict(), tamper), cfg, simulation=True)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return summary, records, list(read_entries(tmp_path / "run" / "audit.jsonl"))
 

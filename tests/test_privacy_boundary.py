@@ -129,10 +129,14 @@ def test_full_cycle_on_identifiable_dicom_leaks_nothing(tmp_path):
     secrets = _identifiers(tmp_path)
     assert any(s.startswith("PID-") for s in secrets) and len(secrets) > 40
     ctx = _site_context(site_yaml, tmp_path)
-    replies = [app(_message("train"), ctx), app(_message("evaluate"), ctx)]
+    describe = Message(RecordDict({"config": ConfigRecord({"query": "describe"})}), dst_node_id=1,
+                       message_type="query")
+    replies = [app(_message("train"), ctx), app(_message("evaluate"), ctx), app(describe, ctx)]
     assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
     assert replies[0].content["metrics"]["num-examples"] > 0
-    assert "test-auc" in replies[1].content["metrics"]
+    assert "test-auc" in replies[1].content["metrics"] and "test-hist-pos" in replies[1].content["metrics"]
+    facts = dict(replies[2].content["facts"])  # the shape of the site's data, from its site.yaml
+    assert facts["source"] == "manifest" and facts["num-classes"] == 2 and facts["image-size"] == 32
     # a failing site (its data gone) answers with an error that names no path
     (tmp_path / "data" / "manifest.csv").rename(tmp_path / "data" / "moved.csv")
     from medfed.client.site_data import _site_data_cached

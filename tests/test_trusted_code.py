@@ -94,7 +94,7 @@ def test_supernode_runs_in_process_isolation_unless_run_app_code(tmp_path):
 @pytest.mark.slow
 def test_modified_app_is_refused_at_the_site_and_visible_at_the_server(tmp_path):
     """Genuine app: trains. App shipping code for the ClientApp: refused, its code never runs."""
-    from medfed.server.submit import submit_run
+    from medfed.server.submit import run_exit, submit_run
     from medfed.simulations.loopback import LocalDeployment, run_config_string
 
     evil_app = default_app(tmp_path / "evil-app")
@@ -109,14 +109,18 @@ def test_modified_app_is_refused_at_the_site_and_visible_at_the_server(tmp_path)
             assert rounds[0]["sites"] and not rounds[0]["failures"]
             config = {"num-server-rounds": 1, "num-sites": 1, "min-sites": 1, "local-steps": 2,
                       "out-dir": "runs/evil", "round-timeout": 120.0}
-            submit_run(dep.server, app_dir=evil_app, insecure=True, run_config=run_config_string(config),
-                       wait=True, timeout=600)
+            result = submit_run(dep.server, app_dir=evil_app, insecure=True, run_config=run_config_string(config),
+                                wait=True, timeout=600)
     finally:
         print(dep.log_tails())
-    rounds = [json.loads(x) for x in (dep.state_dir / "runs/evil/metrics.jsonl").read_text().splitlines()]
-    reasons = [f["reason"] for f in rounds[0]["failures"]]
+    # the site refuses the app from its first message (describe): the study fails, naming why, and nothing trains
+    code, line = run_exit(result)
+    assert code == 4 and "refused app sha256=" in line, line
+    summary = json.loads((dep.state_dir / "runs/evil/summary.json").read_text())
+    reasons = [f["reason"] for f in summary["failures"]]
     assert reasons and all("refused app sha256=" in r and "evil:app" in r for r in reasons), reasons
-    assert not rounds[0]["sites"].get("site-a", {}).get("num-examples")
+    assert summary["outcome"]["status"] == "failed" and not (dep.state_dir / "runs/evil/metrics.jsonl").exists()
+    assert [f["site"] for f in summary["failures"]] == ["site-a"]  # named by its error reply
     site_log = (dep.base / "site-a.log").read_text()
     assert "refused app sha256=" in site_log
     assert not list(dep.base.rglob("EVIL_RAN")) and not list(Path.home().joinpath(".flwr").rglob("EVIL_RAN"))

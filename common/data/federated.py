@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from medfed.common.config import StudyConfig
+from medfed.common.errors import ConfigError
 from medfed.common.data.medmnist import load_medmnist_cached
 from medfed.common.data.partition import SCHEMES, partition_splits
 from medfed.common.data.shift import SHIFTS, shift_sites
 from medfed.common.data.splits import DatasetInfo, FederatedData, ImageSplit, SiteData
 from medfed.common.data.synthetic import default_site_sizes, make_synthetic
-from medfed.common.errors import ConfigError
 
 _PARTITIONED = ("synthetic", "medmnist")  # datasets split into simulated sites
 
@@ -40,6 +40,10 @@ __all__ = ["build_federated_data", "load_federated_cached", "load_study_data"]
 
 def load_study_data(cfg: StudyConfig) -> FederatedData:
     """The study's data: a partitioned dataset, or real sites described by site.yaml files."""
+    if cfg.dataset == "site-data":
+        raise ConfigError("dataset 'site-data' is each deployed site's own data, which only the sites hold: "
+                          "submit the study to a deployment with `medfed run`, or simulate on data this "
+                          "machine holds (dataset synthetic, medmnist with data-path, or sites with site.yaml files)")
     if cfg.task == "segmentation":
         from medfed.common.segmentation.study import load_segmentation_study
 

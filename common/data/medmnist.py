@@ -138,8 +138,8 @@ load_medmnist_cached.cache_info = _load_cached.cache_info  # type: ignore[attr-d
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(
-            f"MedMNIST file not found: {path}. Check data-path, or download the official file "
-            "with medfed.common.data.fetch.fetch_medmnist (needs internet) and copy it there"
+            f"MedMNIST file not found: {path}: give the path of an existing .npz, or download the "
+            "official file with `medfed data fetch <subset>` (needs internet) and copy it there"
         )
     keys = [f"{split}_{kind}" for split in _SPLITS for kind in ("images", "labels")]
     try:

@@ -43,6 +43,7 @@ class QCReport:
     fatal: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    rows_kind: str = "manifest rows"  # what ``rows`` counts (array sites: examples in the file)
 
     @property
     def ok(self) -> bool:
@@ -200,7 +201,7 @@ def _judge(site: SiteConfig, report: QCReport, attribute_names: tuple[str, ...])
 def format_qc(report: QCReport) -> str:
     """A readable summary table of :class:`QCReport` for the terminal."""
     lines = [f"site {report.site_id}: {report.source}",
-             f"  manifest rows {report.rows}, usable images {report.usable} ({report.seconds:.1f} s)"]
+             f"  {report.rows_kind} {report.rows}, usable images {report.usable} ({report.seconds:.1f} s)"]
     c = report.counts
     if c:
         labels = sorted(c["label"])
