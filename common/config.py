@@ -100,6 +100,10 @@ class StudyConfig:
     max_reply_mb: float = 512.0  # larger site replies are refused (server/limits.py)
     node_wait_timeout: float = 300.0  # before each round: wait at most this long for min-sites sites
     max_failed_rounds: int = 3  # stop after this many rounds in a row with fewer than min-sites trained
+    # deployment: once half of the sites answered a phase, wait at most straggler-factor x their median
+    # time (at least straggler-floor s): a dead site costs seconds, not Flower's minute (0: off)
+    straggler_factor: float = 3.0
+    straggler_floor: float = 10.0
     evaluate_every: int = 1  # federated evaluation every N rounds (and at the last one)
     proximal_mu: float = 0.01
     server_lr: float = 0.1
@@ -204,6 +208,8 @@ class StudyConfig:
         check_range("max-reply-mb", self.max_reply_mb, 1.0, 65536.0)
         check_range("node-wait-timeout", self.node_wait_timeout, 0.0, 7 * 86400.0)
         check_range("max-failed-rounds", self.max_failed_rounds, 1, 100000)
+        check_range("straggler-factor", self.straggler_factor, 0.0, 1000.0)
+        check_range("straggler-floor", self.straggler_floor, 0.0, 7 * 86400.0)
         check_range("evaluate-every", self.evaluate_every, 1, 100000)
         check_range("proximal-mu", self.proximal_mu, 0.0, 100.0)
         check_range("server-lr", self.server_lr, 1e-8, 100.0)

@@ -29,7 +29,7 @@ from medfed.common.constants import ConfigKey, FactKey, QueryKind, RecordKey
 from medfed.common.data.splits import DatasetInfo
 from medfed.common.site_facts import SiteFacts
 from medfed.server.binding import BindingEvent, SiteBinding
-from medfed.server.exchange import send_and_receive, unanswered
+from medfed.server.exchange import Deadline, exchange
 from medfed.server.limits import bound_replies
 from medfed.server.outcome import StudyFailed
 from medfed.server.replies import Failure, error_failure, log_failures, site_of
@@ -67,11 +67,11 @@ def describe_message(node_id: int) -> Message:
 def describe_sites(grid: Grid, node_ids: list[int], cfg: StudyConfig, binding: SiteBinding) -> Described:
     """Ask every node in ``node_ids`` to describe its data; bind, screen and log the answers."""
     log.info("asking %d site(s) to describe their data", len(node_ids))
-    messages = [describe_message(n) for n in node_ids]
-    replies = bound_replies(send_and_receive(grid, messages, cfg.round_timeout), cfg.max_reply_mb)
+    done = exchange(grid, [describe_message(n) for n in node_ids], Deadline(cfg.round_timeout))
+    replies = bound_replies(done.replies, cfg.max_reply_mb)
     admitted, refused, events = binding.admit(replies, grid.get_node_ids)
     facts, failures = screen_describe_replies(admitted)
-    failures = binding.name(refused + failures + unanswered(messages, replies, cfg.round_timeout))
+    failures = binding.name(refused + failures + done.missing)
     log_failures(PHASE, failures)
     for site, f in sorted(facts.items()):
         log.info("site %s (node %s) serves %s data: %d classes (%s), %d channel(s), %d px, %dD", site,

@@ -56,7 +56,7 @@ from medfed.server.describe import (
     agreed_info,
     describe_sites,
 )
-from medfed.server.exchange import send_and_receive, unanswered
+from medfed.server.exchange import Deadline, Exchanged, exchange
 from medfed.server.fairness import (
     FAIRNESS,
     central_scores,
@@ -109,6 +109,7 @@ class _State:
     frozen: FrozenPart = field(default_factory=FrozenPart)  # transfer learning: layers not trained
     avail: Availability | None = None  # sites that drop and return: bounded waits, k-of-n rounds
     applied: list[int] = field(default_factory=list)  # rounds whose aggregate changed the global model
+    simulation: bool = False
 
 
 def _bytes(messages: list[Message]) -> int:
@@ -245,6 +246,8 @@ def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> 
         base_config[ConfigKey.CENTRAL_DP.value] = True
         restore_central_privacy(strategy, st.start_round - 1)
     names = config_group_names(cfg.group_attribute, cfg.group_names)
+    st.simulation = simulation
+    deadline = _deadline(cfg, simulation)
 
     for rnd in range(st.start_round, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
@@ -260,12 +263,13 @@ def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> 
             break
         log.info("round %d/%d: training at %d site(s)", rnd, cfg.num_server_rounds, len(train_msgs))
         t0 = time.perf_counter()
-        train_replies = bound_replies(send_and_receive(grid, train_msgs, cfg.round_timeout), cfg.max_reply_mb)
+        trained = exchange(grid, train_msgs, deadline)
+        train_replies = bound_replies(trained.replies, cfg.max_reply_mb)
         train_s = time.perf_counter() - t0
         admitted, refused, events = trail.binding.admit(train_replies, grid.get_node_ids)
         train_ok, failures = screen_train_replies(admitted, st.arrays, allow_subset=fedbn,
                                                   max_norm_ratio=cfg.max_update_norm_ratio)
-        failures = trail.binding.name(refused + failures + unanswered(train_msgs, train_replies, cfg.round_timeout))
+        failures = trail.binding.name(refused + failures + trained.missing)
         log_failures("train", failures)
         capped = cap_weights(train_ok, cfg.max_site_weight_ratio)
         trail.train_round(rnd, train_msgs, train_replies, train_ok, failures, events, capped)
@@ -295,10 +299,10 @@ def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> 
             if eval_view is not None else []
         )
         t0 = time.perf_counter()
-        eval_replies = bound_replies(send_and_receive(grid, eval_msgs, cfg.round_timeout), cfg.max_reply_mb)
+        evaluated = exchange(grid, eval_msgs, deadline)
+        eval_replies = evaluated.replies
         eval_s = time.perf_counter() - t0
-        per_site_eval, eval_failures, eval_capped = _screen_evaluation(grid, cfg, trail, rnd, "evaluate",
-                                                                       eval_msgs, eval_replies)
+        per_site_eval, eval_failures, eval_capped = _screen_evaluation(grid, cfg, trail, rnd, "evaluate", evaluated)
         pooled = pool_validation(per_site_eval, score=task.score)
         if evaluate_now and per_site_eval and st.selection.consider(rnd, pooled):
             st.best_arrays = st.arrays  # never a round in which no site trained or evaluated
@@ -362,6 +366,13 @@ def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> 
                    described)
 
 
+def _deadline(cfg: StudyConfig, simulation: bool) -> Deadline:
+    """round-timeout, and in deployment the straggler cut-off (simulated sites answer one after another)."""
+    if simulation:
+        return Deadline(cfg.round_timeout)
+    return Deadline(cfg.round_timeout, cfg.straggler_factor, cfg.straggler_floor)
+
+
 def _describe(grid: Grid, cfg: StudyConfig, avail: Availability, trail: ServerAudit) -> Described:
     """Wait (bounded) for min-sites sites and ask them to describe their data; StudyFailed when too few came."""
     view = avail.view(grid, 0, "describe")
@@ -416,11 +427,11 @@ def _dataset_record(cfg: StudyConfig, central: CentralData | None, described: De
 
 
 def _screen_evaluation(grid: Grid, cfg: StudyConfig, trail: ServerAudit, rnd: int, phase: str,
-                       sent: list[Message], replies: list[Message]) -> tuple[dict[str, dict], list[Failure], list[Capped]]:
+                       done: Exchanged) -> tuple[dict[str, dict], list[Failure], list[Capped]]:
     """Bind, screen and cap one evaluation phase's replies, and audit what was refused or never came."""
-    admitted, refused, events = trail.binding.admit(replies, grid.get_node_ids)
+    admitted, refused, events = trail.binding.admit(bound_replies(done.replies, cfg.max_reply_mb), grid.get_node_ids)
     per_site, failures = screen_evaluate_replies(admitted)
-    failures = trail.binding.name(refused + failures + unanswered(sent, replies, cfg.round_timeout))
+    failures = trail.binding.name(refused + failures + done.missing)
     log_failures(phase, failures)
     capped = cap_eval_weights(per_site, cfg.max_site_weight_ratio, trail.binding.node_of)
     trail.evaluation(rnd, phase, failures, events, capped)
@@ -445,9 +456,8 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
     msgs = (st.frozen.attach(strategy.configure_evaluate(sel.best_round, st.best_arrays, ConfigRecord(final_cfg), view))
             if view is not None else [])
     best, last = st.frozen.full(st.best_arrays), st.frozen.full(st.arrays)
-    replies = bound_replies(send_and_receive(grid, msgs, cfg.round_timeout), cfg.max_reply_mb)
-    per_site, failures, capped = _screen_evaluation(grid, cfg, trail, sel.best_round, "final-evaluate", msgs,
-                                                    replies)
+    done = exchange(grid, msgs, _deadline(cfg, st.simulation))
+    per_site, failures, capped = _screen_evaluation(grid, cfg, trail, sel.best_round, "final-evaluate", done)
     fairness = summary_fairness(per_site, sel.threshold, info, cfg.seed, central_scores(
         spec, best, central.test if central else None, cfg.device, cfg.task),
         override=config_group_names(cfg.group_attribute, cfg.group_names))

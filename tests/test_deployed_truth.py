@@ -321,3 +321,31 @@ def test_medfed_run_exits_5_when_its_wait_times_out(monkeypatch, capsys):
     args = parser.parse_args(["--server", "127.0.0.1:9092", "--insecure", "--wait", "--timeout", "1"])
     assert submit.cmd_run(args) == 5
     assert "did not finish within --timeout=1 s" in capsys.readouterr().out
+
+
+def test_a_dead_site_costs_the_straggler_deadline_not_the_round_timeout(tmp_path):
+    import time
+
+    def tamper(partition, sent, reply):
+        return None if sent.metadata.message_type == MessageType.TRAIN and partition == 2 else reply
+
+    cfg = _cfg(tmp_path, num_sites=3, min_sites=2, num_server_rounds=1, round_timeout=600.0, straggler_floor=1.0)
+    start = time.monotonic()
+    summary = run_federated(InProcessGrid(3, cfg.to_dict(), tamper), cfg)
+    assert time.monotonic() - start < 60  # not the 600 s round-timeout
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (failure,) = record["failures"]
+    assert failure["site"] == "site-2" and "straggler-factor=3 x the median" in failure["reason"]
+    assert "at least straggler-floor=1 s" in failure["reason"] and record["applied"]
+    assert summary["outcome"]["status"] == "completed"
+
+
+def test_the_straggler_deadline_follows_the_sites_that_answered():
+    from medfed.server.exchange import Deadline
+
+    d = Deadline(600.0, factor=3.0, floor=10.0)
+    assert d.seconds([], 4) == 600.0 and d.seconds([2.0], 4) == 600.0  # fewer than half answered: wait
+    assert d.seconds([2.0, 4.0], 4) == 10.0  # 3 x 3 s is below the floor
+    assert d.seconds([20.0, 40.0], 4) == 90.0  # 3 x the median
+    assert d.seconds([300.0, 400.0], 4) == 600.0  # never past round-timeout
+    assert Deadline(600.0).seconds([1.0, 1.0, 1.0], 4) == 600.0  # factor 0: off
