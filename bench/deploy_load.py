@@ -3,10 +3,12 @@
 Starts a LocalDeployment (insecure by default, ``--tls`` for TLS + site authentication),
 runs a study on synthetic data with a few local steps, and meanwhile samples the memory of
 every process it started (SuperLink, SuperExecs, ServerApp, SuperNodes, ClientApps) from
-/proc (Linux). Prints the per-round time and the peak summed RSS and PSS per process kind,
-and writes them to ``OUT/deploy_load.json``.
+/proc (Linux). Prints the per-round time, the replies per round (sites that trained and that evaluated),
+the SuperLink's "database is locked" and HTTP 500 lines, and the peak summed RSS and PSS
+per process kind, and writes them to ``OUT/deploy_load.json``. Exits 1 unless every site
+answered both phases of every round (issue 16.5: no reply may be lost at 10-20 sites).
 
-    OMP_NUM_THREADS=1 python bench/deploy_load.py --sites 10 --rounds 3 --out runs/deploy_load
+    OMP_NUM_THREADS=1 python bench/deploy_load.py --sites 20 --rounds 5 --out runs/deploy_load
 """
 
 from __future__ import annotations
@@ -89,6 +91,27 @@ class MemorySampler(threading.Thread):
         self.join(timeout=5)
 
 
+def round_figures(rounds: list[dict]) -> dict[str, list]:
+    """Per round: times, quorum, failures and the number of sites whose train / evaluate reply arrived."""
+    return {
+        "round-s": [round(r["time"]["round-s"], 1) for r in rounds],
+        "train-s": [round(r["time"]["train-s"], 1) for r in rounds],
+        "evaluate-s": [round(r["time"]["evaluate-s"], 1) for r in rounds],
+        "bytes-sent": [r.get("bytes", {}).get("sent") for r in rounds],
+        "quorum": [r.get("quorum") for r in rounds],
+        "failures": [[f["reason"][:120] for f in r["failures"]] for r in rounds],
+        "sites-trained": [sum("train-loss" in row for row in r["sites"].values()) for r in rounds],
+        "sites-evaluated": [sum("test-num-examples" in row or "val-num-examples" in row for row in r["sites"].values())
+                            for r in rounds],
+    }
+
+
+def superlink_errors(log_path: Path) -> dict[str, int]:
+    """How often the SuperLink's log says "database is locked" and answered HTTP 500."""
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    return {"database-is-locked": text.count("database is locked"), "http-500": text.count('HTTP/1.1" 500')}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=10)
@@ -120,15 +143,15 @@ def main() -> int:
     metrics = dep.state_dir / "runs/load/metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     rounds = [json.loads(line) for line in lines if line.strip()]
+    figures = round_figures(rounds)
+    every_reply = (error is None and len(rounds) == args.rounds
+                   and all(n == args.sites for n in figures["sites-trained"] + figures["sites-evaluated"]))
     result = {
         "sites": args.sites, "rounds": args.rounds, "local-steps": args.local_steps, "tls": args.tls,
         "startup-s": round(startup_s, 1), "study-s": round(study_s, 1),
-        "round-s": [round(r["time"]["round-s"], 1) for r in rounds],
-        "train-s": [round(r["time"]["train-s"], 1) for r in rounds],
-        "evaluate-s": [round(r["time"]["evaluate-s"], 1) for r in rounds],
-        "quorum": [r.get("quorum") for r in rounds],
-        "failures": [[f["reason"][:120] for f in r["failures"]] for r in rounds],
-        "sites-trained": [sum("train-loss" in row for row in r["sites"].values()) for r in rounds],
+        **figures,
+        "every-reply-arrived": every_reply,
+        "superlink-errors": superlink_errors(dep.base / "superlink.log"),
         "peak-memory-by-kind": {k: {m: round(v, 1) for m, v in d.items()} for k, d in sorted(sampler.peak.items())},
         "peak-memory-total": {k: round(v, 1) for k, v in sampler.peak_total.items()},
         "samples": sampler.samples,
@@ -137,7 +160,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "deploy_load.json").write_text(json.dumps(result, indent=2) + "\n")
     log.info("%s", json.dumps(result, indent=2))
-    return 0
+    for i, seconds in enumerate(figures["round-s"], start=1):
+        log.info("round %d: %.1f s, %d/%d sites trained, %d/%d evaluated", i, seconds,
+                 figures["sites-trained"][i - 1], args.sites, figures["sites-evaluated"][i - 1], args.sites)
+    log.info("peak memory %.0f MB PSS (%.0f MB RSS) in %d processes; SuperLink: %s; every reply arrived: %s",
+             result["peak-memory-total"]["pss-mb"], result["peak-memory-total"]["rss-mb"],
+             result["peak-memory-total"]["processes"], result["superlink-errors"], every_reply)
+    return 0 if every_reply else 1
 
 
 if __name__ == "__main__":

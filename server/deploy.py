@@ -5,7 +5,10 @@ API (``flwr run``, ``flwr supernode register``) and the ServerApp runtime API on
 HTTP(S) port (``--host``/``--port``). medfed always starts it with
 
 * a persistent state database (``--database STATE_DIR/superlink.db``): runs and registered
-  site keys survive a restart;
+  site keys survive a restart. Flower opens it in WAL mode; medfed runs ``flower-superlink``
+  through :mod:`medfed.server.superlink_db`, which lets a write wait 60 s for SQLite's lock
+  instead of Flower's 5 s (with ten or more sites the SuperLink otherwise answers
+  "database is locked" and sites drop out of the study);
 * ``--disable-runtime-dependency-installation``: a submitted app never runs ``uv sync`` on
   the server; the ServerApp imports ``medfed`` from this environment;
 * TLS unless ``--insecure`` is asked for (``ca.crt``, ``server.crt``, ``server.key`` from
@@ -46,6 +49,7 @@ from medfed.server.submit import (
     parse_server_address,
     run_flwr,
 )
+from medfed.server.superlink_db import DEFAULT_BUSY_TIMEOUT_S, launch_command
 
 if TYPE_CHECKING:
     import argparse
@@ -128,7 +132,10 @@ def load_server_yaml(path: str | Path) -> ServerDeployConfig:
 
 
 def superlink_command(cfg: ServerDeployConfig) -> list[str]:
-    """The ``flower-superlink`` command line for ``cfg``; TLS files must exist unless insecure."""
+    """The ``flower-superlink`` command line for ``cfg``; TLS files must exist unless insecure.
+
+    :func:`start_superlink` runs it through :func:`superlink_launch_command`.
+    """
     cmd = [
         flower_executable("flower-superlink"),
         "--host", cfg.host,
@@ -153,6 +160,11 @@ def superlink_command(cfg: ServerDeployConfig) -> list[str]:
     return cmd
 
 
+def superlink_launch_command(cfg: ServerDeployConfig, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> list[str]:
+    """What :func:`start_superlink` runs: :func:`superlink_command` with a longer SQLite lock wait."""
+    return launch_command(superlink_command(cfg), busy_timeout_s)
+
+
 def console_dir(cfg: ServerDeployConfig) -> Path:
     """Where each ServerApp writes its console lines (``run-<id>.log``)."""
     return Path(cfg.state_dir).resolve() / CONSOLE_DIR
@@ -165,7 +177,7 @@ def start_superlink(
     ready_timeout: float = READY_TIMEOUT_S,
 ) -> subprocess.Popen[bytes]:
     """Start the SuperLink in its own session and return once its port accepts connections."""
-    cmd = superlink_command(cfg)
+    cmd = superlink_launch_command(cfg)
     state = Path(cfg.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     env = {"FLWR_HOME": str(state / FLWR_HOME_DIR), RUN_CONSOLE_ENV: str(console_dir(cfg))}

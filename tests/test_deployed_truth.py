@@ -222,7 +222,7 @@ def test_the_deployed_server_app_raises_the_outcome_and_the_simulated_one_does_n
     assert ("site site-0 (node 100; named by its error reply, not yet bound): site site-0: UntrustedAppError: "
             "refused app") in outcome.reason
     failed = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [(f["site"], f["node"], f.get("site-unverified")) for f in failed["failures"]] == [
+    assert sorted((f["site"], f["node"], f.get("site-unverified")) for f in failed["failures"]) == [
         ("site-0", 100, True), ("site-1", 101, True)]
     cfg2 = _cfg(tmp_path / "sim")
     sim = Context(run_id=1, node_id=0, node_config={NodeConfigKey.SIMULATION.value: True}, state=RecordDict(),
