@@ -81,7 +81,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("flwr.supercore.app_utils", "start_parent_process_monitor", "client/app_runner.py", ("parent_pid",)),
     Internal("flwr.supercore.heartbeat", "HeartbeatSender", "client/app_runner.py", ("heartbeat_fn",)),
     Internal("flwr.supercore.heartbeat", "make_task_heartbeat_fn_http", "client/app_runner.py", ("client",)),
-    Internal("flwr.supernode.runtime.run_clientapp", "pull_task_input", "client/app_runner.py", ("client",)),
+    Internal("flwr.supernode.runtime.run_clientapp", "pull_task_input", "client/runtime_api.py (mirrors it)",
+             ("client",)),
     Internal("flwr.supernode.runtime.run_clientapp", "push_message", "client/app_runner.py, client/runtime_api.py",
              ("client", "message", "context")),
     Internal("flwr.supernode.runtime.run_clientapp", "push_task_output", "client/app_runner.py, "
