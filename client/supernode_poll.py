@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from medfed.common.env_seconds import env_seconds
+
 log = logging.getLogger("medfed.client.supernode_poll")  # also when run as __main__
 
 POLL_ENV = "MEDFED_SUPERNODE_POLL_S"
@@ -74,16 +76,7 @@ def flower_version() -> str:
 
 def poll_interval(env: dict[str, str] | None = None) -> float:
     """The idle poll in seconds from ``MEDFED_SUPERNODE_POLL_S`` (default 0.2); ValueError when invalid."""
-    raw = (os.environ if env is None else env).get(POLL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_POLL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{POLL_ENV}={raw!r} is not a number: give seconds, e.g. {DEFAULT_POLL_S}") from None
-    if not 0 < value <= MAX_POLL_S:
-        raise ValueError(f"{POLL_ENV}={raw!r} must be more than 0 and at most {MAX_POLL_S:g} seconds")
-    return value
+    return float(env_seconds(POLL_ENV, DEFAULT_POLL_S, maximum=MAX_POLL_S, env=env))
 
 
 class PollClock:

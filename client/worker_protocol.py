@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from medfed.common.env_seconds import env_seconds
+
 WARM_ENV = "MEDFED_WARM_WORKER"  # "0": one cold process per task, as Flower does
 TASK_TIMEOUT_ENV = "MEDFED_TASK_TIMEOUT_S"  # unset: a task runs until its message expires
 READY = "ready"  # template -> launcher, on the status pipe: "ready", then "started TASK PID" per task
@@ -107,16 +109,7 @@ Answer = Callable[[Unanswered, str, bool], object]  # (task, reason, reply too: 
 
 def task_timeout(env: dict[str, str] | None = None) -> float | None:
     """``MEDFED_TASK_TIMEOUT_S`` in seconds, None when unset; ValueError when not a positive number."""
-    raw = (os.environ if env is None else env).get(TASK_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{TASK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{TASK_TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
-    return value
+    return env_seconds(TASK_TIMEOUT_ENV, None, env=env)
 
 
 def warm_enabled(env: dict[str, str] | None = None) -> bool:
