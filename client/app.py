@@ -83,12 +83,29 @@ def _reply(msg: Message, content: RecordDict, site_id: str, trail=None) -> Messa
     return Message(content=content, reply_to=msg)
 
 
+def _admit_evaluation(msg: Message, cfg: StudyConfig, site, arrays: ArrayRecord, config: dict) -> None:
+    """Count this evaluation in the site's allowance (client/eval_guard.py), or refuse it."""
+    from medfed.client.eval_guard import admit_evaluation
+    from medfed.common.hashing import arrays_hash
+
+    threshold = config.get(ConfigKey.THRESHOLD.value)
+    admit_evaluation(site.state_dir, msg.metadata.run_id, arrays_hash(arrays),
+                     None if threshold is None else float(threshold), cfg.num_server_rounds + 1)
+
+
 @app.train()
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's training data."""
+    """Train the received global model on this site's training data.
+
+    With ``evaluate-received`` set, first evaluate the received model on the validation and
+    test splits (before training, so FedBN's local layers are those the separate evaluate
+    message would use) and send both results in one reply. The evaluation is counted in the
+    site's allowance only once training succeeded and the reply is about to leave: a round
+    refused for its privacy budget releases nothing and the server asks for it separately.
+    """
     from medfed.client.audit import SiteAudit
     from medfed.client.site_data import resolve_site
-    from medfed.client.task import train_round
+    from medfed.client.task import evaluate_round, train_round
 
     site = trail = None
     try:
@@ -98,6 +115,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         trail = SiteAudit.received(site, cfg, msg, "train")  # <state-dir>/audit.jsonl
         arrays = msg.content[RecordKey.ARRAYS.value]
         config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
+        fused = bool(config.get(ConfigKey.EVALUATE_RECEIVED.value, False))
+        evaluation = evaluate_round(cfg, site, arrays, config) if fused else None
         reply = train_round(cfg, site, arrays, config)
         content = RecordDict(
             {
@@ -106,6 +125,9 @@ def handle_train(msg: Message, context: Context) -> Message:
                 RecordKey.SITE.value: _site_record(site.site_id),
             }
         )
+        if evaluation is not None:
+            _admit_evaluation(msg, cfg, site, arrays, config)
+            content[RecordKey.EVALUATION.value] = MetricRecord(evaluation)
         return _reply(msg, content, site.site_id, trail)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
         return _refused(msg, context, exc, site, trail)
@@ -141,10 +163,8 @@ def handle_query(msg: Message, context: Context) -> Message:
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation and test data."""
     from medfed.client.audit import SiteAudit
-    from medfed.client.eval_guard import admit_evaluation
     from medfed.client.site_data import resolve_site
     from medfed.client.task import evaluate_round
-    from medfed.common.hashing import arrays_hash
 
     site = trail = None
     try:
@@ -154,9 +174,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         trail = SiteAudit.received(site, cfg, msg, "evaluate")
         arrays: ArrayRecord = msg.content[RecordKey.ARRAYS.value]
         config = dict(msg.content.get(RecordKey.CONFIG.value, ConfigRecord()))
-        threshold = config.get(ConfigKey.THRESHOLD.value)
-        admit_evaluation(site.state_dir, msg.metadata.run_id, arrays_hash(arrays),
-                         None if threshold is None else float(threshold), cfg.num_server_rounds + 1)
+        _admit_evaluation(msg, cfg, site, arrays, config)
         metrics = evaluate_round(cfg, site, arrays, config)
         content = RecordDict(
             {

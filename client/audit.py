@@ -119,6 +119,8 @@ class SiteAudit:
         if MetricKey.NUM_EXAMPLES.value in metrics:
             fields["num-examples"] = metrics[MetricKey.NUM_EXAMPLES.value]
         fields.update({k: metrics[k] for k in _DP_KEYS if k in metrics})
+        if (evaluation := content.get(RecordKey.EVALUATION.value)) is not None:  # a fused round's evaluation
+            fields["evaluation-hash"] = config_hash(dict(evaluation))
         self.log.append("reply-sent", round=self.round, phase=self.phase, **fields)
 
     def refused(self, exc: BaseException) -> None:

@@ -21,7 +21,8 @@ from medfed.common.reply_schema import metrics_problem
 from medfed.common.site_facts import facts_problem
 
 ALLOWED_RECORDS = frozenset({RecordKey.ARRAYS.value, RecordKey.METRICS.value, RecordKey.SITE.value,
-                             RecordKey.FACTS.value})
+                             RecordKey.FACTS.value, RecordKey.EVALUATION.value})
+METRIC_RECORDS = frozenset({RecordKey.METRICS.value, RecordKey.EVALUATION.value})  # held to the same rules
 _PARAMETER_DTYPES = ("float16", "float32", "float64", "bfloat16", "int64", "int32", "bool")
 
 
@@ -46,7 +47,7 @@ def check_reply(content: RecordDict, sent_shapes: Mapping[str, tuple[int, ...]],
     for key, record in content.items():
         if key == RecordKey.ARRAYS.value:
             _check_arrays(record, sent_shapes)
-        elif key == RecordKey.METRICS.value:
+        elif key in METRIC_RECORDS:
             _check_metrics(record)
         elif key == RecordKey.FACTS.value:
             _check_facts(record)

@@ -56,6 +56,7 @@ _SIM_FLAGS: dict[str, str] = {
     "proximal_mu": "proximal-mu",
     "selection": "selection",
     "evaluate_every": "evaluate-every",
+    "fused_evaluation": "fused-evaluation",
     "device": "device",
     "epsilon": "epsilon",
     "delta": "delta",
@@ -109,6 +110,8 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--proximal-mu", type=float)
     p.add_argument("--selection", help="val-auc (default: best round on validation) or last")
     p.add_argument("--evaluate-every", type=int, help="federated evaluation every N rounds (default 1)")
+    p.add_argument("--no-fused-evaluation", dest="fused_evaluation", action="store_false", default=None,
+                   help="evaluate each round by its own message, not inside the next round's train message")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--epsilon", type=float, help="DP-SGD at every site: each site's epsilon budget for the "
                    "whole study (default 0: no DP)")

@@ -105,6 +105,9 @@ class StudyConfig:
     straggler_factor: float = 3.0
     straggler_floor: float = 10.0
     evaluate_every: int = 1  # federated evaluation every N rounds (and at the last one)
+    # the sites evaluate round r's model inside round r+1's train message: one message per round
+    # (the last round and the final model are evaluated by their own message; needs fraction-train 1)
+    fused_evaluation: bool = True
     proximal_mu: float = 0.01
     server_lr: float = 0.1
     server_momentum: float = 0.9

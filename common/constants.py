@@ -16,6 +16,7 @@ class RecordKey(str, Enum):
     METRICS = "metrics"
     SITE = "site"
     FACTS = "facts"  # a site's answer to the describe query: non-identifying facts of its data
+    EVALUATION = "evaluation"  # in a train reply: the site's evaluation of the model it received (fused round)
 
 
 class QueryKind(str, Enum):
@@ -37,6 +38,9 @@ class ConfigKey(str, Enum):
     CENTRAL_DP = "central-dp"  # sites send a unit weight (Flower's DP accounting needs equal weights)
     THRESHOLD = "threshold"  # binary decision threshold the sites apply (0.5 when absent)
     QUERY = "query"  # a query message's kind (QueryKind)
+    # on a train message: evaluate the received model (val and test) before training and send both
+    # results in one reply, so an evaluated round costs one message (server/federation.py)
+    EVALUATE_RECEIVED = "evaluate-received"
 
 
 class FactKey(str, Enum):

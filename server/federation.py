@@ -35,6 +35,7 @@ from medfed.common.constants import (
     GROUP_SCALAR_KEYS,
     ConfigKey,
     MetricKey,
+    RecordKey,
 )
 from medfed.common.data.splits import DatasetInfo
 from medfed.common.errors import ConfigError
@@ -77,6 +78,7 @@ from medfed.server.replies import (
     log_failures,
     screen_evaluate_replies,
     screen_train_replies,
+    split_evaluation,
 )
 from medfed.server.resume import resolve_resume
 from medfed.server.selection import Selection, pool_test, pool_validation
@@ -110,6 +112,42 @@ class _State:
     avail: Availability | None = None  # sites that drop and return: bounded waits, k-of-n rounds
     applied: list[int] = field(default_factory=list)  # rounds whose aggregate changed the global model
     simulation: bool = False
+    pending: _Pending | None = None  # the round whose evaluation rides on the next train message
+
+
+PENDING = "pending-round"  # checkpoint metrics: a trained round whose evaluation has not come back yet
+
+
+@dataclass
+class _Pending:
+    """A trained round not yet recorded: its model is evaluated inside the next round's train message."""
+
+    rnd: int
+    arrays: ArrayRecord  # the global model after the round: what the sites evaluate
+    record: dict[str, Any]  # the round's metrics line so far: training, time, bytes, failures
+    train_rows: dict[str, dict[str, Any]]  # per-site training metrics
+    asked: int = 0  # sites sent the train message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.rnd, "record": self.record, "train-rows": self.train_rows, "asked": self.asked}
+
+
+@dataclass
+class _Evaluation:
+    """One round's evaluation: from its own evaluate message, or from the next round's train replies."""
+
+    per_site: dict[str, dict] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+    capped: list[Capped] = field(default_factory=list)
+    seconds: float = 0.0
+    sent: int = 0
+    received: int = 0
+    with_round: int | None = None  # fused: the round whose train message carried it
+
+    def merge(self, other: _Evaluation) -> _Evaluation:
+        return _Evaluation({**self.per_site, **other.per_site}, self.failures + other.failures,
+                           self.capped + other.capped, self.seconds + other.seconds, self.sent + other.sent,
+                           self.received + other.received, self.with_round)
 
 
 def _bytes(messages: list[Message]) -> int:
@@ -135,12 +173,17 @@ def _initial_state(cfg: StudyConfig, spec: ModelSpec, strategy: Strategy, record
         arrays, frozen = split_frozen(cfg, ArrayRecord(ckpt.state_dict), spec)
         best = frozen.trainable(ArrayRecord(ckpt.best_state_dict)) if ckpt.best_state_dict else arrays
         restore_strategy_state(strategy, {k: {n: t.numpy() for n, t in v.items()} for k, v in ckpt.strategy_state.items()})
-        recorder.truncate_after(ckpt.round)
-        log.info("resuming from %s: round %d done, continuing at round %d", cfg.resume, ckpt.round, ckpt.round + 1)
+        saved = ckpt.metrics.get(PENDING)
+        pending = None if saved is None else _Pending(int(saved["round"]), arrays, dict(saved["record"]),
+                                                      dict(saved["train-rows"]), int(saved.get("asked", 0)))
+        # a round still waiting for its evaluation has no metrics line yet: it is written when that comes
+        recorder.truncate_after(ckpt.round - (pending is not None))
+        log.info("resuming from %s: round %d done%s, continuing at round %d", cfg.resume, ckpt.round,
+                 " (its evaluation rides on the next train message)" if pending else "", ckpt.round + 1)
         applied = [int(r) for r in ckpt.metrics.get(APPLIED, range(1, ckpt.round + 1))]
         return _State(arrays, best, Selection.from_dict(ckpt.selection), ckpt.round + 1,
                       dict(ckpt.metrics.get("sites", {})), dict(ckpt.metrics.get("privacy", {})), frozen,
-                      applied=applied)
+                      applied=applied, pending=pending)
     arrays, frozen = initial_arrays(cfg, spec)
     recorder.reset()
     return _State(arrays, arrays, Selection(rule=cfg.selection), 1, {}, frozen=frozen)
@@ -163,19 +206,25 @@ def _check_resume(cfg: StudyConfig, spec: ModelSpec, ckpt: Checkpoint) -> None:
         )
 
 
-def _site_rows(train_ok: list[Message], evals: dict[str, dict],
-               fairness: dict[str, dict] | None = None) -> dict[str, dict[str, Any]]:
-    """Per-site metrics of a round; ``fairness``: each site's per-group record (site -> record)."""
+def _train_rows(train_ok: list[Message]) -> dict[str, dict[str, Any]]:
+    """Per-site training metrics of a round (site -> row)."""
     from medfed.server.replies import site_of
 
     rows: dict[str, dict[str, Any]] = {}
     for msg in train_ok:
-        m = msg.content["metrics"]
+        m = msg.content[RecordKey.METRICS.value]
         rows.setdefault(site_of(msg) or "?", {}).update(
             {k: float(m[k]) for k in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value,
                                       MetricKey.TRAIN_STEPS.value, MetricKey.TRAIN_SECONDS.value,
                                       *(d.value for d in DP_METRICS)) if k in m}
         )
+    return rows
+
+
+def _site_rows(train_rows: dict[str, dict[str, Any]], evals: dict[str, dict],
+               fairness: dict[str, dict] | None = None) -> dict[str, dict[str, Any]]:
+    """Per-site metrics of a round; ``fairness``: each site's per-group record (site -> record)."""
+    rows = {site: dict(row) for site, row in train_rows.items()}
     for site, metrics in evals.items():
         row = rows.setdefault(site, {})
         for key, value in metrics.items():
@@ -235,7 +284,6 @@ def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> 
     spec = model_spec_for(cfg, info)
     strategy = build_strategy(cfg, num_sites)
     fedbn = isinstance(strategy, FedBN)
-    task = get_task(cfg.task)
     st = _initial_state(cfg, spec, strategy, recorder)
     st.avail = avail
     trail.record_start(cfg, st.arrays, st.start_round)
@@ -249,8 +297,12 @@ def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> 
     st.simulation = simulation
     deadline = _deadline(cfg, simulation)
 
+    rounds = _Rounds(cfg, spec, strategy, central, info, names, base_config, recorder, trail, grid, st, deadline)
+    fusable = cfg.fused_evaluation and cfg.fraction_train >= 1.0  # every evaluating site gets a train message
     for rnd in range(st.start_round, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
+        if st.pending is not None and not fusable:  # resumed with fused-evaluation off: evaluate it by itself
+            rounds.close(st.pending, rounds.evaluate_separately(st.pending.rnd, st.pending.arrays))
         random.seed(derive_seed(cfg.seed, "sampling", rnd))  # Flower samples with `random`
         if (view := st.avail.view(grid, rnd, "train")) is None:  # bounded: Flower's own wait is not
             break
@@ -261,12 +313,18 @@ def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> 
                                                f"stops after round {rnd - 1}")
             log.warning("%s", st.avail.stop.reason)
             break
-        log.info("round %d/%d: training at %d site(s)", rnd, cfg.num_server_rounds, len(train_msgs))
+        pending, st.pending = st.pending, None
+        if pending is not None:  # the sites evaluate the model they receive: round rnd - 1's
+            _ask_evaluation(train_msgs)
+        log.info("round %d/%d: training at %d site(s)%s", rnd, cfg.num_server_rounds, len(train_msgs),
+                 f" (and evaluating round {pending.rnd}'s model)" if pending else "")
         t0 = time.perf_counter()
         trained = exchange(grid, train_msgs, deadline)
         train_replies = bound_replies(trained.replies, cfg.max_reply_mb)
         train_s = time.perf_counter() - t0
         admitted, refused, events = trail.binding.admit(train_replies, grid.get_node_ids)
+        if pending is not None:  # round rnd - 1 is recorded before round rnd's aggregate replaces its model
+            rounds.close(pending, rounds.fused_evaluation(pending, admitted, refused + trained.missing))
         train_ok, failures = screen_train_replies(admitted, st.arrays, allow_subset=fedbn,
                                                   max_norm_ratio=cfg.max_update_norm_ratio)
         failures = trail.binding.name(refused + failures + trained.missing)
@@ -289,71 +347,38 @@ def run_federated(grid: Grid, cfg: StudyConfig, *, simulation: bool = False) -> 
                 applied = True
         elif not train_ok:
             log.warning("round %d: no site trained successfully; the global model is unchanged", rnd)
+        trail.round_end(rnd, st.arrays, train_ok)
+        train_rows = _train_rows(train_ok)
+        for site, row in train_rows.items():  # privacy spent persists for sites that stop training
+            st.privacy[site] = {d.value: row[d.value] for d in DP_METRICS if d.value in row} or st.privacy.get(site, {})
+        done = _Pending(rnd, st.arrays, {
+            "round": rnd,
+            "time": {"round-s": time.perf_counter() - t_round, "train-s": train_s},
+            "bytes": {"sent": _bytes(train_msgs), "received": _bytes(train_replies)},
+            "train": dict(agg_metrics) if agg_metrics is not None else {},
+            "failures": [f.to_dict() for f in failures],
+            "capped": [c.to_dict() for c in capped],
+            "quorum": quorum,
+            "applied": applied,
+        }, train_rows, len(train_msgs))
 
         # a round that changed nothing is not evaluated again: the sites would spend their evaluation
         # allowance (client/eval_guard.py) on a model they already evaluated
         evaluate_now = applied and (rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds)
-        eval_view = st.avail.view(grid, rnd, "evaluate") if evaluate_now else None
-        eval_msgs = (
-            st.frozen.attach(strategy.configure_evaluate(rnd, st.arrays, ConfigRecord(dict(base_config)), eval_view))
-            if eval_view is not None else []
-        )
-        t0 = time.perf_counter()
-        evaluated = exchange(grid, eval_msgs, deadline)
-        eval_replies = evaluated.replies
-        eval_s = time.perf_counter() - t0
-        per_site_eval, eval_failures, eval_capped = _screen_evaluation(grid, cfg, trail, rnd, "evaluate", evaluated)
-        pooled = pool_validation(per_site_eval, score=task.score)
-        if evaluate_now and per_site_eval and st.selection.consider(rnd, pooled):
-            st.best_arrays = st.arrays  # never a round in which no site trained or evaluated
-        test_metrics = (_central_test(spec, st.frozen.full(st.arrays), central, cfg, pooled.threshold)
-                        if central is not None else pool_test(per_site_eval, None).metrics)
-        fairness, site_fairness = round_fairness(per_site_eval, base_config.get(ConfigKey.THRESHOLD.value),
-                                                 info, names)
-        sites = _site_rows(train_ok, per_site_eval, site_fairness)
-        st.last_sites = sites
-        for site, row in sites.items():  # privacy spent persists for sites that stop training
-            st.privacy[site] = {d.value: row[d.value] for d in DP_METRICS if d.value in row} or st.privacy.get(site, {})
-        record = {
-            "round": rnd,
-            "time": {"round-s": time.perf_counter() - t_round, "train-s": train_s, "evaluate-s": eval_s},
-            "bytes": {"sent": _bytes(train_msgs) + _bytes(eval_msgs),
-                      "received": _bytes(train_replies) + _bytes(eval_replies)},
-            "train": dict(agg_metrics) if agg_metrics is not None else {},
-            "val": pooled.metrics,
-            "test": test_metrics,
-            "sites": sites,
-            "failures": [f.to_dict() for f in failures + eval_failures],
-            "capped": [c.to_dict() for c in capped + eval_capped],
-            "selected": st.selection.best_round == rnd,
-            "quorum": quorum,
-            "applied": applied,
-        }
-        if fairness is not None:  # per-group metrics at the threshold the sites applied (0.5 when none sent)
-            record[FAIRNESS] = fairness
-        trail.round_end(rnd, st.arrays, train_ok)
-        recorder.append_round(record)
-        recorder.save_round_checkpoint(
-            Checkpoint(
-                model=spec,
-                state_dict=arrays_to_state_dict(st.frozen.full(st.arrays)),
-                config=cfg.to_dict(),
-                round=rnd,
-                metrics={"sites": sites, "val": pooled.metrics, "test": test_metrics, "privacy": st.privacy,
-                         APPLIED: list(st.applied)},
-                strategy_state=_tensor_state(strategy),
-                selection=st.selection.to_dict(),
-                best_state_dict=arrays_to_state_dict(st.frozen.full(st.best_arrays)),
-            )
-        )
-        log.info(
-            "round %d/%d: val %s %s | test %s %s | %d/%d sites trained, %d evaluated%s | %.1fs",
-            rnd, cfg.num_server_rounds, task.monitor, _fmt(pooled.metrics.get(task.monitor, pooled.score)),
-            task.monitor, _fmt(test_metrics.get(task.monitor)), len(train_ok), len(train_msgs), len(per_site_eval),
-            "" if applied else " (not applied: the global model is unchanged)", record["time"]["round-s"],
-        )
+        if evaluate_now and fusable and rnd < cfg.num_server_rounds:
+            st.pending = done  # evaluated inside the next round's train message
+            rounds.checkpoint(rnd, None)
+            log.info("round %d/%d: %d/%d sites trained | %.1fs; its model is evaluated with round %d's message",
+                     rnd, cfg.num_server_rounds, len(train_ok), len(train_msgs), done.record["time"]["round-s"],
+                     rnd + 1)
+        else:
+            evaluation = rounds.evaluate_separately(rnd, st.arrays) if evaluate_now else _Evaluation()
+            rounds.checkpoint(rnd, rounds.close(done, evaluation))
         if st.avail.stop is not None:
             break  # logged: what, why and how to fix
+    if st.pending is not None:  # the study ended before the next train message could carry the evaluation
+        pending, st.pending = st.pending, None
+        rounds.checkpoint(pending.rnd, rounds.close(pending, rounds.evaluate_separately(pending.rnd, pending.arrays)))
 
     if not st.applied:
         reason = _nothing_applied(cfg, st)
@@ -438,6 +463,129 @@ def _screen_evaluation(grid: Grid, cfg: StudyConfig, trail: ServerAudit, rnd: in
     return per_site, failures, capped
 
 
+def _ask_evaluation(train_msgs: list[Message]) -> None:
+    """Ask each site to evaluate the model its train message carries, in the same reply."""
+    for msg in train_msgs:
+        config = msg.content.get(RecordKey.CONFIG.value)
+        if config is None:
+            config = msg.content[RecordKey.CONFIG.value] = ConfigRecord()
+        config[ConfigKey.EVALUATE_RECEIVED.value] = True
+
+
+class _Rounds:
+    """Evaluates and records rounds: one place for the separate and the fused evaluation."""
+
+    def __init__(self, cfg: StudyConfig, spec: ModelSpec, strategy: Strategy, central: CentralData | None,
+                 info: DatasetInfo | None, names: Any, base_config: dict[str, Any], recorder: RunRecorder,
+                 trail: ServerAudit, grid: Grid, st: _State, deadline: Deadline) -> None:
+        self.cfg, self.spec, self.strategy, self.central, self.info, self.names = cfg, spec, strategy, central, info, names
+        self.base_config, self.recorder, self.trail, self.grid, self.st, self.deadline = (
+            base_config, recorder, trail, grid, st, deadline)
+        self.task = get_task(cfg.task)
+
+    def evaluate_separately(self, rnd: int, arrays: ArrayRecord, only: set[int] | None = None) -> _Evaluation:
+        """Round ``rnd``'s model evaluated by its own message (``only``: at these nodes)."""
+        st = self.st
+        view = st.avail.view(self.grid, rnd, "evaluate") if st.avail else self.grid
+        msgs = (st.frozen.attach(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(self.base_config)),
+                                                                  view)) if view is not None else [])
+        if only is not None:
+            msgs = [m for m in msgs if m.metadata.dst_node_id in only]
+        t0 = time.perf_counter()
+        done = exchange(self.grid, msgs, self.deadline)
+        seconds = time.perf_counter() - t0
+        per_site, failures, capped = _screen_evaluation(self.grid, self.cfg, self.trail, rnd, "evaluate", done)
+        return _Evaluation(per_site, failures, capped, seconds, _bytes(msgs), _bytes(done.replies))
+
+    def fused_evaluation(self, pending: _Pending, admitted: list[Message], unanswered: list[Failure]) -> _Evaluation:
+        """Round ``pending.rnd``'s evaluation, taken out of the next round's (admitted) train replies.
+
+        A site that answered the train message with an error (its privacy budget is spent, its
+        training failed) released no evaluation: the site sends it only with a trained update, and
+        counts it only then. It is asked by a separate evaluate message, as it would have been
+        without fusing. ``unanswered``: refused and missing replies (not asked again).
+        """
+        cfg, trail = self.cfg, self.trail
+        per_site, screened = screen_evaluate_replies(admitted, fused=True)
+        split_evaluation(admitted)
+        errored = {m.metadata.src_node_id for m in admitted if m.has_error()}
+        failures = trail.binding.name(unanswered + [f for f in screened if f.node not in errored])
+        log_failures("evaluate", failures)
+        capped = cap_eval_weights(per_site, cfg.max_site_weight_ratio, trail.binding.node_of)
+        trail.evaluation(pending.rnd, "evaluate", failures, [], capped)
+        fused = _Evaluation(per_site, failures, capped, with_round=pending.rnd + 1)
+        if errored:
+            log.info("round %d: %d site(s) that could not train evaluate its model by a separate message",
+                     pending.rnd, len(errored))
+            fused = fused.merge(self.evaluate_separately(pending.rnd, pending.arrays, only=errored))
+        return fused
+
+    def close(self, done: _Pending, ev: _Evaluation) -> dict[str, Any]:
+        """Complete round ``done.rnd``'s record with its evaluation, choose, and append the metrics line."""
+        cfg, st, rnd = self.cfg, self.st, done.rnd
+        pooled = pool_validation(ev.per_site, score=self.task.score)
+        if ev.per_site and st.selection.consider(rnd, pooled):
+            st.best_arrays = done.arrays  # never a round in which no site trained or evaluated
+        test_metrics = (_central_test(self.spec, st.frozen.full(done.arrays), self.central, cfg, pooled.threshold)
+                        if self.central is not None else pool_test(ev.per_site, None).metrics)
+        fairness, site_fairness = round_fairness(ev.per_site, self.base_config.get(ConfigKey.THRESHOLD.value),
+                                                 self.info, self.names)
+        sites = _site_rows(done.train_rows, ev.per_site, site_fairness)
+        st.last_sites = sites
+        part = done.record
+        timing = {**part["time"], "evaluate-s": ev.seconds}
+        timing["round-s"] += ev.seconds
+        if ev.with_round is not None:  # the sites' evaluation time is inside that round's train-s
+            timing["evaluated-with-round"] = ev.with_round
+        record = {
+            "round": rnd,
+            "time": timing,
+            "bytes": {"sent": part["bytes"]["sent"] + ev.sent, "received": part["bytes"]["received"] + ev.received},
+            "train": part["train"],
+            "val": pooled.metrics,
+            "test": test_metrics,
+            "sites": sites,
+            "failures": part["failures"] + [f.to_dict() for f in ev.failures],
+            "capped": part["capped"] + [c.to_dict() for c in ev.capped],
+            "selected": st.selection.best_round == rnd,
+            "quorum": part["quorum"],
+            "applied": part["applied"],
+        }
+        if fairness is not None:  # per-group metrics at the threshold the sites applied (0.5 when none sent)
+            record[FAIRNESS] = fairness
+        self.recorder.append_round(record)
+        log.info(
+            "round %d/%d: val %s %s | test %s %s | %d/%d sites trained, %d evaluated%s | %.1fs",
+            rnd, cfg.num_server_rounds, self.task.monitor, _fmt(pooled.metrics.get(self.task.monitor, pooled.score)),
+            self.task.monitor, _fmt(test_metrics.get(self.task.monitor)), len(done.train_rows), done.asked,
+            len(ev.per_site),
+            "" if part["applied"] else " (not applied: the global model is unchanged)", timing["round-s"],
+        )
+        return record
+
+    def checkpoint(self, rnd: int, record: dict[str, Any] | None) -> None:
+        """Round ``rnd``'s checkpoint; ``record`` None: the round waits for its evaluation (``st.pending``)."""
+        st = self.st
+        metrics: dict[str, Any] = {"sites": st.last_sites, "val": {}, "test": {}, "privacy": st.privacy,
+                                   APPLIED: list(st.applied)}
+        if record is not None:
+            metrics.update(sites=record["sites"], val=record["val"], test=record["test"])
+        elif st.pending is not None:
+            metrics[PENDING] = st.pending.to_dict()
+        self.recorder.save_round_checkpoint(
+            Checkpoint(
+                model=self.spec,
+                state_dict=arrays_to_state_dict(st.frozen.full(st.arrays)),
+                config=self.cfg.to_dict(),
+                round=rnd,
+                metrics=metrics,
+                strategy_state=_tensor_state(self.strategy),
+                selection=st.selection.to_dict(),
+                best_state_dict=arrays_to_state_dict(st.frozen.full(st.best_arrays)),
+            )
+        )
+
+
 def _tensor_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
     import torch
 
@@ -461,7 +609,7 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
     fairness = summary_fairness(per_site, sel.threshold, info, cfg.seed, central_scores(
         spec, best, central.test if central else None, cfg.device, cfg.task),
         override=config_group_names(cfg.group_attribute, cfg.group_names))
-    sites = _site_rows([], per_site)
+    sites = _site_rows({}, per_site)
     for site, row in sites.items():
         for key in (MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_LOSS.value):
             if key in st.last_sites.get(site, {}):

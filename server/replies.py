@@ -94,6 +94,7 @@ def site_of(msg: Message) -> str | None:
 
 TRAIN_RECORDS = frozenset({RecordKey.ARRAYS.value, RecordKey.METRICS.value, RecordKey.SITE.value})
 EVALUATE_RECORDS = frozenset({RecordKey.METRICS.value, RecordKey.SITE.value})
+FUSED_RECORDS = TRAIN_RECORDS | {RecordKey.EVALUATION.value}  # a train reply that carries its evaluation
 
 
 def _records_problem(msg: Message, allowed: frozenset[str]) -> str | None:
@@ -279,13 +280,17 @@ def screen_train_replies(
     return [m for _, m in good], failures
 
 
-def screen_evaluate_replies(replies: list[Message]) -> tuple[dict[str, dict], list[Failure]]:
+def screen_evaluate_replies(replies: list[Message], fused: bool = False) -> tuple[dict[str, dict], list[Failure]]:
     """Per-site evaluation metrics (site id -> metrics) and the failures.
 
     A reply whose records or metrics break the schema (:func:`metrics_problem`: a NaN, a
     histogram of the wrong length or with a non-count, a positives histogram without its
     negatives, per-group aggregates that disagree) drops that site's metrics for the phase.
+    ``fused``: the replies are train replies that carry the evaluation in their
+    ``evaluation`` record (:func:`split_evaluation` then takes it out before aggregation).
     """
+    record, allowed = ((RecordKey.EVALUATION.value, FUSED_RECORDS) if fused
+                       else (RecordKey.METRICS.value, EVALUATE_RECORDS))
     per_site: dict[str, dict] = {}
     failures: list[Failure] = []
     for msg in replies:
@@ -294,11 +299,11 @@ def screen_evaluate_replies(replies: list[Message]) -> tuple[dict[str, dict], li
             failures.append(error)
             continue
         site = site_of(msg)
-        metrics = msg.content.get(RecordKey.METRICS.value)
+        metrics = msg.content.get(record)
         if site is None or metrics is None:
-            failures.append(Failure(site, node, "evaluation reply lacks site id or metrics"))
+            failures.append(Failure(site, node, f"evaluation reply lacks site id or {record}"))
             continue
-        if problem := _records_problem(msg, EVALUATE_RECORDS) or metrics_problem(dict(metrics)):
+        if problem := _records_problem(msg, allowed) or metrics_problem(dict(metrics)):
             failures.append(Failure(site, node, f"evaluation metrics dropped: {problem}"))
             continue
         if site in per_site:
@@ -306,3 +311,10 @@ def screen_evaluate_replies(replies: list[Message]) -> tuple[dict[str, dict], li
             continue
         per_site[site] = dict(metrics)
     return dict(sorted(per_site.items())), failures
+
+
+def split_evaluation(replies: list[Message]) -> None:
+    """Take the ``evaluation`` record out of train replies (in place): what remains is a plain train reply."""
+    for msg in replies:
+        if msg.has_content() and RecordKey.EVALUATION.value in msg.content:
+            del msg.content[RecordKey.EVALUATION.value]

@@ -17,9 +17,10 @@ run-config key: the attack is an :class:`AttackSpec` that only the simulation dr
   (``site-<malicious-sites>``) with a sign-flipped, boosted update, and in evaluation with
   that site's id: a second vote, and the honest site's metrics replaced. The server binds
   each site id to the node that first claimed it, and refuses the claim.
-- ``bad-metrics``: the site's evaluation replies carry malformed aggregates, a different one
-  each round (a NaN in a histogram, 5 bins, positives without negatives, per-group
-  histograms of the wrong length, a NaN metric), and its training replies a NaN loss. The
+- ``bad-metrics``: the site's evaluation replies (and the evaluation a fused train reply
+  carries) hold malformed aggregates, a different one each round (a NaN in a histogram, 5
+  bins, positives without negatives, per-group histograms of the wrong length, a NaN
+  metric), and its training replies a NaN loss. The
   server drops them; pooling never sees them.
 
 The reply transforms are pure functions of (spec, partition, the message sent, the honest
@@ -181,12 +182,15 @@ def tamper_reply(spec: AttackSpec, partition: int, sent: Message, reply: Message
         log.warning("simulated attack: partition %s answers as %s", partition, victim)
         return _with(sent, reply, **changed)
     if spec.kind == "bad-metrics":
+        changed = {}
         if train:
             metrics[MetricKey.TRAIN_LOSS.value] = float("nan")
+            if (evaluation := reply.content.get(RecordKey.EVALUATION.value)) is not None:  # round rnd - 1's
+                changed[RecordKey.EVALUATION.value] = MetricRecord(_bad_metrics(dict(evaluation), rnd - 1))
         else:
             metrics = _bad_metrics(metrics, rnd)
         log.warning("simulated attack: partition %s sends malformed metrics", partition)
-        return _with(sent, reply, metrics=MetricRecord(metrics))
+        return _with(sent, reply, metrics=MetricRecord(metrics), **changed)
     return reply
 
 

@@ -49,7 +49,7 @@ BASELINE_MODES = ("centralized", "local")
 RUNNER_KEYS = ("mode", "out-dir", "resume")  # the runner sets these per cell
 FEDERATED_ONLY = (  # keys a centralized or local baseline does not use (it has no strategy and no DP)
     "strategy", "fraction-train", "min-sites", "round-timeout", "node-wait-timeout", "max-failed-rounds",
-    "straggler-factor", "straggler-floor", "max-reply-mb", "evaluate-every", "proximal-mu", "server-lr", "server-momentum", "server-tau", "trimmed-beta",
+    "straggler-factor", "straggler-floor", "max-reply-mb", "evaluate-every", "fused-evaluation", "proximal-mu", "server-lr", "server-momentum", "server-tau", "trimmed-beta",
     "num-malicious", "max-update-norm-ratio", "qfedavg-q", "epsilon", "delta", "max-grad-norm", "dp-accountant",
     "max-physical-batch", "central-dp", "central-noise", "central-clip", "central-epsilon", "central-delta",
 )

@@ -172,14 +172,14 @@ def test_a_study_in_which_no_site_trained_fails_with_no_test_metrics(tmp_path):
 
 
 def test_selection_never_picks_a_round_no_site_trained(tmp_path):
-    def tamper(partition, sent, reply):
+    def fail(partition, sent):  # the site's training fails (so round 3's message evaluates nothing either)
         config = sent.content.get(RecordKey.CONFIG.value) or {}
         if sent.metadata.message_type == MessageType.TRAIN and config.get("server-round") == 3:
             return Message(Error(code=100, reason=f"site site-{partition}: RuntimeError"), reply_to=sent)
-        return reply
+        return None
 
     cfg = _cfg(tmp_path, num_server_rounds=3, selection="last", max_failed_rounds=5)
-    summary = run_federated(InProcessGrid(2, cfg.to_dict(), tamper), cfg)
+    summary = run_federated(InProcessGrid(2, cfg.to_dict(), fail=fail), cfg)
     assert summary["applied-rounds"] == [1, 2]
     assert summary["selected-round"] == 2  # "last" means the last round that was applied, never round 3
     assert summary["outcome"]["status"] == "completed"
@@ -198,8 +198,10 @@ def test_a_site_that_never_answers_is_named_in_the_round_failures(tmp_path):
     cfg = _cfg(tmp_path, min_sites=1, round_timeout=1.0)
     run_federated(InProcessGrid(2, cfg.to_dict(), tamper), cfg)
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rounds[0]["failures"] == []
-    assert rounds[1]["failures"] == [{"site": "site-1", "node": 101, "reason": "no reply within round-timeout=1 s"}]
+    silent = {"site": "site-1", "node": 101, "reason": "no reply within round-timeout=1 s"}
+    assert rounds[0]["failures"] == [silent]  # round 1's model was evaluated inside round 2's train message
+    assert rounds[0]["time"]["evaluated-with-round"] == 2 and "val-auc" not in rounds[0]["sites"]["site-1"]
+    assert rounds[1]["failures"] == [silent]
     assert rounds[1]["applied"]  # min-sites=1: site-0 alone makes the round
 
 

@@ -283,7 +283,7 @@ def test_site_rows_keep_records_not_raw_counts():
     evals = {"site-0": {"test-auc": 0.8, "num-examples": 30.0, **fx.group_counts(s, y, g),
                         **fx.group_counts(s, y, g, split="val")}}
     record, per_site = round_fairness(evals, None, None)
-    rows = _site_rows([], evals, per_site)
+    rows = _site_rows({}, evals, per_site)
     assert not any("-g0-" in k or "-g1-" in k for k in rows["site-0"])
     assert rows["site-0"]["test-auc"] == 0.8
     assert rows["site-0"]["fairness"]["test"]["disadvantaged-group"] == "group-0"  # unnamed in deployment
