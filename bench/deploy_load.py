@@ -9,6 +9,10 @@ per process kind, and writes them to ``OUT/deploy_load.json``. Exits 1 unless ev
 answered both phases of every round (issue 16.5: no reply may be lost at 10-20 sites).
 
     OMP_NUM_THREADS=1 python bench/deploy_load.py --sites 20 --rounds 5 --out runs/deploy_load
+
+It also prints how the memory of the long-lived processes (the warm worker's template, the
+site launcher, SuperNode, SuperLink) changed from early in the study to its end: over 100
+rounds, ``--sites 2 --rounds 100 --local-steps 1``, a worker's RSS must not grow (issue 16.1).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import threading
 import time
 from collections import defaultdict
@@ -26,20 +31,40 @@ from medfed.simulations.loopback import LocalDeployment
 
 log = logging.getLogger(__name__)
 
+LONG_LIVED = ("warm-template", "site-launcher", "supernode", "superlink", "superexec")
+
+WARM = "medfed.client.app_runner task --warm"  # the warm worker's template; the tasks it forks keep its command line
 KINDS = (  # (command-line fragment, kind), first match wins: the site launcher's command names the SuperNode too
     ("medfed.common.guard", "guard"),  # medfed's guard around each daemon: its command line names the daemon too
+    (WARM, "warm-template"),
     ("medfed.client.app_runner task", "clientapp"), ("medfed.client.app_runner launcher", "site-launcher"),
     ("flower-superlink", "superlink"), ("flower-supernode", "supernode"), ("flower-superexec", "superexec"),
     ("flwr-serverapp", "serverapp"), ("flwr-clientapp", "clientapp"),
 )
 
 
-def _kind(pid: int) -> str | None:
+def _cmdline(pid: int) -> str | None:
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
-    return next((kind for fragment, kind in KINDS if fragment in cmd), "other")
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _kind(pid: int) -> str | None:
+    cmd = _cmdline(pid)
+    if cmd is None:
+        return None
+    kind = next((kind for fragment, kind in KINDS if fragment in cmd), "other")
+    if kind == "warm-template" and WARM in (_cmdline(_parent(pid)) or ""):
+        return "clientapp"  # a task the template forked
+    return kind
 
 
 def _memory_kb(pid: int) -> tuple[int, int]:
@@ -61,6 +86,7 @@ class MemorySampler(threading.Thread):
         self.peak: dict[str, dict[str, float]] = defaultdict(lambda: {"rss-mb": 0.0, "pss-mb": 0.0, "count": 0})
         self.peak_total = {"rss-mb": 0.0, "pss-mb": 0.0, "processes": 0}
         self.samples = 0
+        self.series: dict[str, list[tuple[float, float]]] = defaultdict(list)  # kind -> (t, mean RSS MB per process)
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -76,7 +102,9 @@ class MemorySampler(threading.Thread):
                 acc[0] += rss / 1024
                 acc[1] += pss / 1024
                 acc[2] += 1
+            now = time.monotonic()
             for kind, (rss, pss, count) in by_kind.items():
+                self.series[kind].append((now, rss / max(count, 1)))
                 peak = self.peak[kind]
                 peak["rss-mb"], peak["pss-mb"] = max(peak["rss-mb"], rss), max(peak["pss-mb"], pss)
                 peak["count"] = max(peak["count"], count)
@@ -89,6 +117,24 @@ class MemorySampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5)
+
+    def growth(self, kinds: tuple[str, ...] = LONG_LIVED) -> dict[str, dict[str, float]]:
+        """Per long-lived process kind: mean RSS per process early in the study (the median of the
+        samples between 10 % and 20 % of it: imports and first rounds done) and at its end (the
+        median of the last 10 %), and the difference."""
+        out = {}
+        for kind in kinds:
+            samples = self.series.get(kind, [])
+            if len(samples) < 10:
+                continue
+            t0, t1 = samples[0][0], samples[-1][0]
+            early = [v for t, v in samples if t0 + 0.1 * (t1 - t0) <= t <= t0 + 0.2 * (t1 - t0)]
+            late = [v for t, v in samples if t >= t0 + 0.9 * (t1 - t0)]
+            if early and late:
+                start, end = statistics.median(early), statistics.median(late)
+                out[kind] = {"start-rss-mb": round(start, 1), "end-rss-mb": round(end, 1),
+                             "growth-mb": round(end - start, 1)}
+        return out
 
 
 def round_figures(rounds: list[dict]) -> dict[str, list]:
@@ -154,6 +200,7 @@ def main() -> int:
         "superlink-errors": superlink_errors(dep.base / "superlink.log"),
         "peak-memory-by-kind": {k: {m: round(v, 1) for m, v in d.items()} for k, d in sorted(sampler.peak.items())},
         "peak-memory-total": {k: round(v, 1) for k, v in sampler.peak_total.items()},
+        "rss-growth": sampler.growth(),
         "samples": sampler.samples,
         "error": error,
     }
@@ -163,6 +210,9 @@ def main() -> int:
     for i, seconds in enumerate(figures["round-s"], start=1):
         log.info("round %d: %.1f s, %d/%d sites trained, %d/%d evaluated", i, seconds,
                  figures["sites-trained"][i - 1], args.sites, figures["sites-evaluated"][i - 1], args.sites)
+    for kind, g in result["rss-growth"].items():
+        log.info("%s: RSS %.1f MB per process early, %.1f MB at the end (%+.1f MB)", kind, g["start-rss-mb"],
+                 g["end-rss-mb"], g["growth-mb"])
     log.info("peak memory %.0f MB PSS (%.0f MB RSS) in %d processes; SuperLink: %s; every reply arrived: %s",
              result["peak-memory-total"]["pss-mb"], result["peak-memory-total"]["rss-mb"],
              result["peak-memory-total"]["processes"], result["superlink-errors"], every_reply)

@@ -66,12 +66,12 @@ def test_site_killed_mid_round_then_rejoins(tmp_path: Path) -> None:
     try:
         with dep:
             run_dir = dep.state_dir / out
-            run_id = submit_run(dep.server, insecure=True, run_config=dep.study_config(4, extra, out)).run_id
-            _wait_for("round 1", lambda: len(_rounds(run_dir)) >= 1)
-            _wait_for("site-c training in round 2", lambda: _train_messages(dep, "site-c") >= 2, timeout=120)
-            time.sleep(1.0)  # its app is starting: the reply needs several seconds more
+            run_id = submit_run(dep.server, insecure=True, run_config=dep.study_config(5, extra, out)).run_id
+            _wait_for("site-c training in round 2", lambda: _train_messages(dep, "site-c") >= 2, timeout=180)
+            time.sleep(1.0)  # its app is starting: the reply (round 1's evaluation, then training) needs seconds more
             dep.kill_site("site-c")
-            _wait_for("round 2", lambda: len(_rounds(run_dir)) >= 2, timeout=240)
+            # round 2's line is written with round 3's replies (they carry its evaluation): restart once round 3 began
+            _wait_for("round 3", lambda: _train_messages(dep, "site-a") >= 3, timeout=240)
             dep.start_site("site-c")
             status = _wait_run(dep, run_id)
             leftovers = dep.stop()
@@ -80,7 +80,7 @@ def test_site_killed_mid_round_then_rejoins(tmp_path: Path) -> None:
     assert not leftovers
     assert status == RUN_COMPLETED
     rounds = _rounds(run_dir)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     assert _trained(rounds[0]) == {"site-a", "site-b", "site-c"}
     assert _trained(rounds[1]) == {"site-a", "site-b"} and rounds[1]["quorum"] is True  # k-of-n: 2 of 3
     assert any("site-c" in _trained(r) for r in rounds[2:])  # rejoined
