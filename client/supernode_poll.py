@@ -15,9 +15,9 @@ What is touched, exactly, and nothing else (two globals of ``flwr.supernode.star
   :data:`LOCAL_WAIT_S` where Flower waits for the local ClientApp (an in-memory check, no
   network). Every other attribute is the real :mod:`time` module's.
 * ``pull_objects`` (Flower's ``flwr.supercore.inflatable.inflatable_utils.pull_objects``, as
-  imported there): replaced by :func:`quick_pull_objects`, the same function with a first retry
-  after :data:`PULL_BACKOFF_S` and at most :data:`PULL_BACKOFF_CAP_S` between retries, where
-  its caller passes none.
+  imported there): replaced by :func:`medfed.common.flwr_pull.quick_pull_objects`, the same
+  function with a first retry after 0.02 s and at most 0.5 s between retries, where its caller
+  passes none.
 
 :func:`check_patch_point` checks both before patching: the globals exist and are Flower's
 originals, ``start_client_internal``'s source still calls ``time.sleep(3)`` and ``pull_objects``
@@ -40,11 +40,17 @@ import logging
 import os
 import sys
 import time as _time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
 
 from medfed.common.env_seconds import env_seconds
+from medfed.common.flwr_pull import (
+    PATCHED_PULL,
+    PullPatchMissing,
+    check_pull,
+    flower_version,
+    quick_pull_objects,
+)
 
 log = logging.getLogger("medfed.client.supernode_poll")  # also when run as __main__
 
@@ -53,25 +59,15 @@ DEFAULT_POLL_S = 0.2
 MAX_POLL_S = 60.0
 LOCAL_WAIT_S = 0.05  # the SuperNode waiting for its own ClientApp's reply: an in-memory check
 FLOWER_IDLE_SLEEP_S = 3.0  # Flower 1.41's hard-coded idle sleep in start_client_internal
-TESTED_FLOWER = ("1.41",)  # versions whose patch point was read and tested
-PULL_BACKOFF_S = 0.02  # first retry for message contents not uploaded yet (Flower: 1 s)
-PULL_BACKOFF_CAP_S = 0.5  # longest wait between retries (Flower: 10 s)
+TESTED_FLOWER = ("1.41", "1.42")  # versions whose patch point was read and tested
 PATCHED_MODULE = "flwr.supernode.start_client_internal"
 PATCHED_GLOBAL = "time"
 PATCHED_CALL = "time.sleep(3)"
-PATCHED_PULL = "pull_objects"
-PULL_PARAMETERS = ("initial_backoff", "backoff_cap")
 SUPERNODE_SCRIPT = "flower-supernode"
 
 
 class PatchPointMissing(RuntimeError):
     """This Flower's SuperNode loop is not the one :mod:`medfed.client.supernode_poll` patches."""
-
-
-def flower_version() -> str:
-    from flwr.supercore.version import package_version
-
-    return str(package_version)
 
 
 def poll_interval(env: dict[str, str] | None = None) -> float:
@@ -98,19 +94,6 @@ class PollClock:
         return getattr(_time, name)
 
 
-def _original_pull() -> Callable[..., Any]:
-    from flwr.supercore.inflatable.inflatable_utils import pull_objects
-
-    return pull_objects
-
-
-def quick_pull_objects(*args: Any, **kwargs: Any) -> Any:
-    """Flower's ``pull_objects`` retrying sooner: a first retry after 0.02 s, then at most every 0.5 s."""
-    kwargs.setdefault("initial_backoff", PULL_BACKOFF_S)
-    kwargs.setdefault("backoff_cap", PULL_BACKOFF_CAP_S)
-    return _original_pull()(*args, **kwargs)
-
-
 def check_patch_point(module: ModuleType | None = None) -> ModuleType:
     """The module to patch; :class:`PatchPointMissing` naming the Flower version and symbol otherwise."""
     if module is None:
@@ -132,13 +115,10 @@ def check_patch_point(module: ModuleType | None = None) -> ModuleType:
     if PATCHED_CALL not in source:
         raise PatchPointMissing(f"{where}: `start_client_internal` no longer calls `{PATCHED_CALL}` "
                                 f"(its idle poll changed): {fix}")
-    pull = getattr(module, PATCHED_PULL, None)
-    if pull is not quick_pull_objects and pull is not _original_pull():
-        raise PatchPointMissing(f"{where} has no global `{PATCHED_PULL}` bound to "
-                                f"flwr.supercore.inflatable.inflatable_utils.pull_objects: {fix}")
-    missing = [p for p in PULL_PARAMETERS if p not in inspect.signature(_original_pull()).parameters]
-    if missing:
-        raise PatchPointMissing(f"{where}: `{PATCHED_PULL}` takes no {', '.join(missing)}: {fix}")
+    try:
+        check_pull(module)
+    except PullPatchMissing as exc:
+        raise PatchPointMissing(str(exc)) from None
     return module
 
 

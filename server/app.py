@@ -30,6 +30,10 @@ def main(grid: Grid, context: Context) -> None:
 
     setup_logging()
     simulation = bool(context.node_config.get(NodeConfigKey.SIMULATION.value, False))
+    if not simulation:  # this run's own process: its grid pulls the sites' replies without Flower's 1 s wait
+        from medfed.common.flwr_pull import HTTP_GRID_MODULE, patch_pull
+
+        patch_pull(HTTP_GRID_MODULE)
     cfg = parse_study_config(context.run_config)
     summary = run_federated(grid, cfg, simulation=simulation)
     outcome = Outcome(**summary["outcome"])

@@ -241,6 +241,13 @@ def test_medfed_app_two_sites_two_rounds(tmp_path: Path, shared_data: Path, secu
         assert set(r["sites"]) == {"site-a", "site-b"} and not r["failures"]
     assert (out / "checkpoints" / "round-0002.pt").is_file() and (out / "model.pt").is_file()
     assert (out / "report.md").is_file()
+    # one message per round: round 1's model is evaluated inside round 2's train message; round 2's
+    # and the final (selected) model by their own evaluate messages
+    assert rounds[0]["time"]["evaluated-with-round"] == 2 and "evaluated-with-round" not in rounds[1]["time"]
+    assert all("val-auc" in row for r in rounds for row in r["sites"].values())
+    for site in ("site-a", "site-b"):
+        text = (dep.base / f"{site}.log").read_text(errors="replace")
+        assert (text.count("Receiving: train message"), text.count("Receiving: evaluate message")) == (2, 2), site
 
 
 def test_dp_ledger_survives_site_restarts(tmp_path: Path) -> None:

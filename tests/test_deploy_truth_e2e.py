@@ -50,6 +50,12 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def _train_messages(dep: LocalDeployment, site_id: str) -> int:
+    """Train messages the site's SuperNode has received so far (its log)."""
+    log = dep.base / f"{site_id}.log"
+    return log.read_text(errors="replace").count("Receiving: train message") if log.is_file() else 0
+
+
 def _rounds(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -76,9 +82,13 @@ def test_a_deployed_study_reports_what_the_sites_measured_and_exits_as_it_ended(
                 flwr_status = run_info(run_id, home)
             # 3. a site dies after round 1: the study stops, by name
             stop_dir = dep.state_dir / "runs/stopped"
+            before = _train_messages(dep, "site-b")
             proc = _medfed_run(dep, dep.study_config(3, {**FAST, "max-failed-rounds": 1, "round-timeout": 15.0},
                                                      "runs/stopped"))
-            wait_for("round 1 of the third study", lambda: len(_rounds(stop_dir)) >= 1, timeout=300)
+            # round 1's line is written with round 2's replies (they carry its evaluation): kill site-b the
+            # moment its SuperNode has round 2's message, before its app can answer
+            wait_for("round 2 of the third study at site-b", lambda: _train_messages(dep, "site-b") >= before + 2,
+                     timeout=300, poll=0.05)
             dep.kill_site("site-b")
             code3, out3 = _finish(proc)
             leftovers = dep.stop()

@@ -59,6 +59,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("flwr.common.constant", "SUPERLINK_NODE_ID", "simulations/engine.py, server/exchange.py"),
     Internal("flwr.supercore.task_identity", "TaskIdentity", "simulations/engine.py, common/run_console.py, "
              "client/runtime_api.py"),
+    # the deployed ServerApp's grid pulls replies sooner (common/flwr_pull.py, server/app.py)
+    Internal("flwr.superlink.grid.http_grid", "pull_objects", "common/flwr_pull.py"),
+    Internal("flwr.supercore.inflatable.inflatable_utils", "pull_objects", "common/flwr_pull.py",
+             ("object_ids", "pull_object_fn", "initial_backoff", "backoff_cap")),
     # the site launcher and its ClientApp tasks (client/app_runner.py, client/runtime_api.py)
     Internal("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor", "client/app_runner.py", ("token",)),
     Internal("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", "client/app_runner.py",

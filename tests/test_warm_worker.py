@@ -9,6 +9,8 @@ a FAB the site refuses is refused by a warm task process.
 
 from __future__ import annotations
 
+import importlib
+
 import json
 import os
 import signal
@@ -123,13 +125,29 @@ def test_poll_clock_sleeps_the_poll_for_flowers_idle_sleep_and_briefly_for_local
 
 
 def test_quick_pull_objects_retries_sooner_unless_told_otherwise(monkeypatch):
+    from medfed.common import flwr_pull
+
     seen: list[dict] = []
-    monkeypatch.setattr(supernode_poll, "_original_pull", lambda: lambda *a, **k: seen.append(k))
+    monkeypatch.setattr(flwr_pull, "original_pull", lambda: lambda *a, **k: seen.append(k))
     quick_pull_objects(["id"], pull_object_fn=None)
     quick_pull_objects(["id"], pull_object_fn=None, initial_backoff=2.0)
-    assert seen[0]["initial_backoff"] == supernode_poll.PULL_BACKOFF_S
-    assert seen[0]["backoff_cap"] == supernode_poll.PULL_BACKOFF_CAP_S
+    assert seen[0]["initial_backoff"] == flwr_pull.PULL_BACKOFF_S
+    assert seen[0]["backoff_cap"] == flwr_pull.PULL_BACKOFF_CAP_S
     assert seen[1]["initial_backoff"] == 2.0
+
+
+def test_the_server_apps_grid_pulls_replies_sooner(monkeypatch):
+    """The deployed ServerApp patches its grid's pull (common/flwr_pull.py); a changed Flower is refused by name."""
+    from medfed.common import flwr_pull
+
+    grid_module = importlib.import_module(flwr_pull.HTTP_GRID_MODULE)
+    monkeypatch.setattr(grid_module, "pull_objects", flwr_pull.original_pull())
+    assert flwr_pull.patch_pull(flwr_pull.HTTP_GRID_MODULE)
+    assert grid_module.pull_objects is quick_pull_objects
+    changed = types.ModuleType("flwr.superlink.grid.http_grid")
+    with pytest.raises(flwr_pull.PullPatchMissing, match=r"Flower .* has no global `pull_objects`"):
+        flwr_pull.check_pull(changed)
+    assert not flwr_pull.patch_pull(changed) and not hasattr(changed, "pull_objects")
 
 
 def test_poll_interval_from_the_environment():
