@@ -15,6 +15,14 @@ right away usually waits one whole second for them. Two callers pass none, and b
 with a first retry after :data:`PULL_BACKOFF_S` and at most :data:`PULL_BACKOFF_CAP_S` between
 retries where the caller passes none, after :func:`check_pull` found Flower's original there.
 Where it does not (a later Flower), nothing is patched and a warning names the version.
+
+Flower also moves a message's objects (one per array, 25 for medfed's ``cnn``) only two at a
+time, one HTTP request each through the SuperLink: 1.3 s for the model to reach a site on two
+loaded cores (``bench/task_start.py``). :func:`transfer_concurrency_env`, in the environment of every Flower daemon medfed starts
+(:func:`medfed.common.process.start_process_group`: the SuperLink, each site's launcher and
+SuperNode), raises that to :data:`DEFAULT_CONCURRENCY` through Flower's own environment
+variables (read when Flower is imported, so every process below inherits them: SuperExec and
+ServerApps, the warm worker and its tasks); a value the operator set is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
+from collections.abc import Mapping
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -33,6 +43,17 @@ PULL_BACKOFF_CAP_S = 0.5  # longest wait between retries (Flower: 10 s)
 PATCHED_PULL = "pull_objects"
 PULL_PARAMETERS = ("initial_backoff", "backoff_cap")
 HTTP_GRID_MODULE = "flwr.superlink.grid.http_grid"  # the deployed ServerApp's grid
+
+
+CONCURRENCY_ENV = ("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES")
+DEFAULT_CONCURRENCY = 16  # objects moved at once per message (Flower: 2)
+
+
+def transfer_concurrency_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables that let Flower move :data:`DEFAULT_CONCURRENCY` objects at once in a daemon and
+    everything below it; a value set in ``env`` (the environment) is kept."""
+    env = os.environ if env is None else env
+    return {name: env.get(name, str(DEFAULT_CONCURRENCY)) for name in CONCURRENCY_ENV}
 
 
 class PullPatchMissing(RuntimeError):

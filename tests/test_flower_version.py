@@ -180,6 +180,25 @@ def test_installed_flower_is_within_medfeds_pin() -> None:
         "tests/test_superlink_db.py against it, then widen the pin in pyproject.toml")
 
 
+def test_flower_still_reads_the_object_transfer_concurrency_medfed_sets() -> None:
+    """medfed's daemons raise Flower's object pulls/pushes per message through these variables (common/flwr_pull.py)."""
+    import flwr.supercore.constant as constant
+
+    from medfed.common.flwr_pull import CONCURRENCY_ENV
+
+    source = inspect.getsource(constant)
+    for name in CONCURRENCY_ENV:
+        assert f'os.getenv("{name}"' in source, (f"flwr {FLWR_VERSION}: flwr.supercore.constant no longer reads "
+                                                 f"{name} (common/flwr_pull.py sets it)")
+
+
+def test_transfer_concurrency_keeps_what_the_operator_set() -> None:
+    from medfed.common.flwr_pull import CONCURRENCY_ENV, DEFAULT_CONCURRENCY, transfer_concurrency_env
+
+    assert transfer_concurrency_env({CONCURRENCY_ENV[0]: "4", "OTHER": "1"}) == {
+        CONCURRENCY_ENV[0]: "4", CONCURRENCY_ENV[1]: str(DEFAULT_CONCURRENCY)}
+
+
 def test_task_identity_fields_are_settable() -> None:
     internal = next(i for i in INTERNALS if i.name == "TaskIdentity")
     meta = type(_resolve(internal))
