@@ -3,8 +3,8 @@
 The run config is checked by :func:`medfed.common.config.parse_study_config` (types,
 ranges, choices; errors name the key). Here: the size of the model the message carries
 (``max-message-mb`` in site.yaml) and the per-message config record (server round,
-FedProx mu, FedBN flag, decision threshold, evaluate-received). Errors are :class:`PublicSiteError`s, so the
-server learns which key it got wrong.
+FedProx mu, FedBN flag, decision threshold, evaluate-received). Errors are
+:class:`PublicSiteError`s, so the server learns which key it got wrong.
 
 The size is checked once the message has arrived: Flower's SuperNode pulls a message's
 objects without a size limit of its own, so this bounds what the site *loads and trains

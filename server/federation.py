@@ -455,8 +455,17 @@ def _screen_evaluation(grid: Grid, cfg: StudyConfig, trail: ServerAudit, rnd: in
                        done: Exchanged) -> tuple[dict[str, dict], list[Failure], list[Capped]]:
     """Bind, screen and cap one evaluation phase's replies, and audit what was refused or never came."""
     admitted, refused, events = trail.binding.admit(bound_replies(done.replies, cfg.max_reply_mb), grid.get_node_ids)
-    per_site, failures = screen_evaluate_replies(admitted)
-    failures = trail.binding.name(refused + failures + done.missing)
+    return _screen_admitted(cfg, trail, rnd, phase, admitted, refused + done.missing, events)
+
+
+def _screen_admitted(cfg: StudyConfig, trail: ServerAudit, rnd: int, phase: str, admitted: list[Message],
+                     unanswered: list[Failure], events: list, fused: bool = False,
+                     asked_again: frozenset[int] = frozenset(),
+                     ) -> tuple[dict[str, dict], list[Failure], list[Capped]]:
+    """Screen and cap admitted evaluation replies (``fused``: train replies carrying it), name and audit the
+    failures, except those of the nodes in ``asked_again`` (they get a separate evaluate message)."""
+    per_site, failures = screen_evaluate_replies(admitted, fused=fused)
+    failures = trail.binding.name(unanswered + [f for f in failures if f.node not in asked_again])
     log_failures(phase, failures)
     capped = cap_eval_weights(per_site, cfg.max_site_weight_ratio, trail.binding.node_of)
     trail.evaluation(rnd, phase, failures, events, capped)
@@ -483,7 +492,7 @@ class _Rounds:
             base_config, recorder, trail, grid, st, deadline)
         self.task = get_task(cfg.task)
 
-    def evaluate_separately(self, rnd: int, arrays: ArrayRecord, only: set[int] | None = None) -> _Evaluation:
+    def evaluate_separately(self, rnd: int, arrays: ArrayRecord, only: frozenset[int] | None = None) -> _Evaluation:
         """Round ``rnd``'s model evaluated by its own message (``only``: at these nodes)."""
         st = self.st
         view = st.avail.view(self.grid, rnd, "evaluate") if st.avail else self.grid
@@ -505,14 +514,10 @@ class _Rounds:
         counts it only then. It is asked by a separate evaluate message, as it would have been
         without fusing. ``unanswered``: refused and missing replies (not asked again).
         """
-        cfg, trail = self.cfg, self.trail
-        per_site, screened = screen_evaluate_replies(admitted, fused=True)
+        errored = frozenset(m.metadata.src_node_id for m in admitted if m.has_error())
+        per_site, failures, capped = _screen_admitted(self.cfg, self.trail, pending.rnd, "evaluate", admitted,
+                                                      unanswered, [], fused=True, asked_again=errored)
         split_evaluation(admitted)
-        errored = {m.metadata.src_node_id for m in admitted if m.has_error()}
-        failures = trail.binding.name(unanswered + [f for f in screened if f.node not in errored])
-        log_failures("evaluate", failures)
-        capped = cap_eval_weights(per_site, cfg.max_site_weight_ratio, trail.binding.node_of)
-        trail.evaluation(pending.rnd, "evaluate", failures, [], capped)
         fused = _Evaluation(per_site, failures, capped, with_round=pending.rnd + 1)
         if errored:
             log.info("round %d: %d site(s) that could not train evaluate its model by a separate message",
