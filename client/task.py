@@ -158,19 +158,36 @@ def evaluate_round(
         out.update({f"{split_name}-{key}": float(value) for key, value in metrics.items()
                     if math.isfinite(float(value))})
         binary = probs is not None and probs.ndim == 2 and probs.shape[1] == 2  # binary classification
-        if not binary:
-            continue
-        pos_key, neg_key, _ = SPLIT_HISTOGRAMS[split_name]
-        pos, neg = score_histograms(split.labels, probs[:, 1], bins=NUM_HIST_BINS)
-        out[pos_key] = [float(v) for v in np.asarray(pos)]
-        out[neg_key] = [float(v) for v in np.asarray(neg)]
-        if split.groups is not None:
+        if binary:
+            pos_key, neg_key, _ = SPLIT_HISTOGRAMS[split_name]
+            pos, neg = score_histograms(split.labels, probs[:, 1], bins=NUM_HIST_BINS)
+            out[pos_key] = [float(v) for v in np.asarray(pos)]
+            out[neg_key] = [float(v) for v in np.asarray(neg)]
+        if binary and split.groups is not None:
             out.update(group_counts(
                 probs[:, 1], split.labels, split.groups,
                 threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
                 num_groups=len(site.info.group_values) or None, bins=NUM_HIST_BINS, split=split_name,
             ))
+        out.update(_trust_metrics(cfg, model, split, split_name, device, config, threshold))
     out[MetricKey.NUM_EXAMPLES.value] = float(len(site.data.val) if len(site.data.val) >= minimum else 0)
     if len(site.data.test) >= minimum:  # the weight of this site's test metrics in the pooled test result
         out[MetricKey.TEST_EXAMPLES.value] = float(len(site.data.test))
+    return out
+
+
+def _trust_metrics(cfg: StudyConfig, model, split, split_name: str, device, config: Mapping[str, Any],
+                   threshold: Any) -> dict[str, float | list[float]]:
+    """What explain-metrics and robustness-eval add to this split's evaluation (aggregates only)."""
+    final = bool(config.get(ConfigKey.FINAL_EVALUATION.value, False))
+    out: dict[str, float | list[float]] = {}
+    if cfg.explain_every or (cfg.explain_metrics and final):
+        from medfed.common.explain.site import explain_split_metrics
+
+        out.update(explain_split_metrics(model, cfg.model, split, split_name, device, cfg.explain_band,
+                                         cfg.explain_method))
+    if final and cfg.robustness_attacks and split_name == "test":
+        from medfed.common.robustness.study import robustness_reply
+
+        out.update(robustness_reply(model, split, device, cfg, None if threshold is None else float(threshold)))
     return out

@@ -67,6 +67,18 @@ _SIM_FLAGS: dict[str, str] = {
     "central_clip": "central-clip",
     "central_epsilon": "central-epsilon",
     "freeze": "freeze",
+    "explain_metrics": "explain-metrics",
+    "explain_every": "explain-every",
+    "explain_band": "explain-band",
+    "shortcut_site": "shortcut-site",
+    "shortcut_strength": "shortcut-strength",
+    "robustness_eval": "robustness-eval",
+    "robustness_eps": "robustness-eps",
+    "robustness_steps": "robustness-steps",
+    "adv_train": "adv-train",
+    "adv_eps": "adv-eps",
+    "adv_steps": "adv-steps",
+    "adv_ratio": "adv-ratio",
     "ray_address": "ray-address",
     "site_cpus": "site-cpus",
     "site_gpus": "site-gpus",
@@ -129,6 +141,7 @@ def _add_simulate(sub: Any) -> None:
                    "classifier head even when its size fits")
     p.add_argument("--freeze", help="with --init: comma-separated parameter-name patterns to freeze "
                    "(e.g. 'features.*'); frozen layers are neither trained nor sent by the sites")
+    _add_trust_arguments(p)
     p.add_argument("--ray-address", help="run the sites on a running Ray cluster: its GCS address HOST:PORT "
                    "(as 'ray start --head' prints it) or auto (default: start a local Ray instance)")
     p.add_argument("--site-cpus", type=float, help="CPUs per site actor; actors = cluster CPUs / this "
@@ -145,6 +158,26 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--out", help="run directory (default runs/<mode>-<time>)")
     p.add_argument("--resume", help="checkpoint to continue from (its run directory by default)")
     p.set_defaults(func=cmd_simulate)
+
+
+def _add_trust_arguments(p: argparse.ArgumentParser) -> None:
+    """Interpretability and robustness (README "Interpretability and robustness")."""
+    p.add_argument("--explain-metrics", action="store_true", default=None,
+                   help="sites send saliency aggregates of the final model (border share, coarse maps per class)")
+    p.add_argument("--explain-every", action="store_true", default=None,
+                   help="... and at every federated evaluation")
+    p.add_argument("--explain-band", type=float, help="border band per side, share of the side (default 0.1)")
+    p.add_argument("--shortcut-site", type=int, help="plant a bright bar near the border of this site's "
+                   "class-1 images (train, val, test): a known shortcut (default -1: none)")
+    p.add_argument("--shortcut-strength", type=float, help="the bar's blend into the image, 0..1 (default 1)")
+    p.add_argument("--robustness-eval", help="sites attack the final model on their test split: fgsm,pgd")
+    p.add_argument("--robustness-eps", help="attack radii in 1/255 (default 0.5,1,2,4,8)")
+    p.add_argument("--robustness-steps", type=int, help="PGD steps of the evaluation (default 10)")
+    p.add_argument("--adv-train", help="none (default) or pgd: Madry PGD adversarial training at the sites")
+    p.add_argument("--adv-eps", type=float, help="its radius in 1/255 (default 2)")
+    p.add_argument("--adv-steps", type=int, help="its PGD steps (default 3)")
+    p.add_argument("--adv-ratio", type=float, help="share of each batch replaced by adversarial examples "
+                   "(default 0.5)")
 
 
 def _add_partition_arguments(p: argparse.ArgumentParser) -> None:
@@ -315,7 +348,7 @@ def _add_report(sub: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from medfed.server.report import write_report
-    from medfed.server.report_html import HTML_FILE
+    from medfed.common.report_html import HTML_FILE
 
     try:
         path = write_report(Path(args.run_dir))
@@ -440,7 +473,7 @@ def cmd_data_covid_sites(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- deployment
 def _add_deployment(sub: Any) -> None:
-    from medfed.client import audit_cli, daemon, privacy_reset, site_check
+    from medfed.client import audit_cli, daemon, explain_cli, privacy_reset, robustness_cli, site_check
     from medfed.common import certs
     from medfed.server import deploy, submit
 
@@ -461,6 +494,8 @@ def _add_deployment(sub: Any) -> None:
     certs.add_certs_arguments(c)
 
     audit_cli.add_privacy_arguments(sub)
+    explain_cli.add_explain_arguments(sub)
+    robustness_cli.add_robustness_arguments(sub)
 
     from medfed.common.generation.cli import add_generate_arguments
 

@@ -148,6 +148,20 @@ class StudyConfig:
     # group-aware training (classification): weight each training image by 1 / frequency of its
     # (group, label) cell at the site, normalised to mean 1 (medfed.common.training.group_weights)
     group_reweight: bool = False
+    # trust toolkit (classification): saliency aggregates, a planted shortcut, attacks, adversarial training
+    explain_metrics: bool = False  # sites send saliency aggregates (medfed.common.explain.metrics) in the final evaluation
+    explain_every: bool = False  # ... and in every federated evaluation (evaluate-every)
+    explain_band: float = 0.1  # border band: this share of the side on each side
+    explain_method: str = "gradxinput"  # gradxinput, gradcampp or gradcam (medfed.common.explain.saliency)
+    shortcut_site: int = -1  # simulation: a bright bar near the border of site K's positive images (-1: none)
+    shortcut_strength: float = 1.0  # the bar's blend into the image, 0..1 (1: white)
+    robustness_eval: str = ""  # comma-separated attacks (fgsm,pgd) each site runs on the final model, test split
+    robustness_eps: str = "0.5,1,2,4,8"  # attack radii in units of 1/255 (L-infinity, [0, 1] intensities)
+    robustness_steps: int = 10  # PGD steps of the evaluation
+    adv_train: str = "none"  # pgd: Madry PGD adversarial training at the sites, in the shared loop
+    adv_eps: float = 2.0  # its radius in units of 1/255
+    adv_steps: int = 3  # its PGD steps
+    adv_ratio: float = 0.5  # share of each batch replaced by adversarial examples
     # simulation engine (medfed.simulations.engine): where the sites run and what each gets
     ray_address: str = ""  # "": start a local Ray instance; "auto" or HOST:PORT: connect to a running cluster
     site_cpus: float = 0.0  # CPUs per ClientApp actor (0: min(2, cores)); actors = cluster CPUs / site-cpus
@@ -279,6 +293,7 @@ class StudyConfig:
         if self.group_reweight and self.task != "classification":
             raise ConfigError(f"group-reweight weights a classification loss by group, not a {self.task} loss: "
                               "set task classification or group-reweight false")
+        _check_trust(self)
         if self.mode == "federated" and self.min_sites > self.num_sites:
             raise ConfigError(
                 f"min-sites={self.min_sites} is larger than num-sites={self.num_sites}: "
@@ -300,6 +315,16 @@ class StudyConfig:
         return values
 
     @property
+    def robustness_attacks(self) -> tuple[str, ...]:
+        """``robustness-eval`` as a tuple of attack names (() when off)."""
+        return tuple(a.strip() for a in self.robustness_eval.split(",") if a.strip())
+
+    @property
+    def robustness_radii(self) -> tuple[tuple[str, float], ...]:
+        """``robustness-eps`` as (the text given, the radius on the [0, 1] scale) pairs."""
+        return _radii(self.robustness_eps)
+
+    @property
     def freeze_patterns(self) -> tuple[str, ...]:
         """The ``freeze`` patterns as a tuple (the run config carries one comma-separated string)."""
         return tuple(p.strip() for p in self.freeze.split(",") if p.strip())
@@ -311,6 +336,59 @@ class StudyConfig:
     def replace(self, **changes: Any) -> StudyConfig:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+ADV_TRAIN = ("none", "pgd")
+EXPLAIN_METHODS = ("gradxinput", "gradcampp", "gradcam")  # occlusion costs a forward pass per occluded patch: CLI only
+EPS_UNIT = 255.0  # radii in config and on the command line are in 1/255 units of the [0, 1] intensity scale
+
+
+def _radii(text: str) -> tuple[tuple[str, float], ...]:
+    from medfed.common.robustness.keys import MAX_EPS
+
+    out = []
+    for item in (t.strip() for t in str(text).split(",") if t.strip()):
+        try:
+            value = float(item) / EPS_UNIT
+        except ValueError:
+            value = float("nan")
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"robustness-eps={text!r}: {item!r} is not a radius in (0, 255] (units of 1/255 "
+                              "of the [0, 1] intensity scale), e.g. 0.5,1,2,4,8")
+        out.append((item, value))
+    if not out or len(out) > MAX_EPS:
+        raise ConfigError(f"robustness-eps={text!r} must list 1..{MAX_EPS} radii, e.g. 0.5,1,2,4,8")
+    return tuple(out)
+
+
+def _check_trust(cfg: StudyConfig) -> None:
+    """Keys of the trust toolkit: saliency aggregates, planted shortcut, robustness evaluation, adversarial training."""
+    from medfed.common.robustness.keys import ROBUST_ATTACKS
+
+    check_range("explain-band", cfg.explain_band, 1e-3, 0.49)
+    check_choice("explain-method", cfg.explain_method, EXPLAIN_METHODS)
+    check_range("shortcut-strength", cfg.shortcut_strength, 0.0, 1.0)
+    check_range("robustness-steps", cfg.robustness_steps, 1, 1000)
+    check_choice("adv-train", cfg.adv_train, ADV_TRAIN)
+    check_range("adv-eps", cfg.adv_eps, 1e-6, EPS_UNIT)
+    check_range("adv-steps", cfg.adv_steps, 1, 100)
+    check_range("adv-ratio", cfg.adv_ratio, 1e-6, 1.0)
+    for attack in cfg.robustness_attacks:
+        check_choice("robustness-eval", attack, ROBUST_ATTACKS)
+    _radii(cfg.robustness_eps)
+    image_classifier = cfg.task == "classification" and cfg.model not in TABULAR
+    for key, on in (("explain-metrics", cfg.explain_metrics or cfg.explain_every),
+                    ("robustness-eval", bool(cfg.robustness_attacks)), ("adv-train", cfg.adv_train != "none"),
+                    ("shortcut-site", cfg.shortcut_site >= 0)):
+        if on and not image_classifier:
+            raise ConfigError(f"{key} needs an image classifier (task classification, model cnn, cnn-dp, "
+                              f"densenet121 or resnet18), not task {cfg.task!r} / model {cfg.model!r}: leave it off")
+    if cfg.shortcut_site >= 0 and (cfg.dataset not in ("synthetic", "medmnist") or cfg.shortcut_site >= cfg.num_sites):
+        raise ConfigError(f"shortcut-site={cfg.shortcut_site} plants a marker in one simulated site of a dataset "
+                          f"split into sites (synthetic or medmnist): give a site index 0..{cfg.num_sites - 1} "
+                          f"of such a study (dataset {cfg.dataset!r}), or -1 for none")
+    if cfg.shortcut_site < -1:
+        raise ConfigError(f"shortcut-site={cfg.shortcut_site}: give a site index >= 0, or -1 for none")
 
 
 def _check_engine(cfg: StudyConfig) -> None:

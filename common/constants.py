@@ -41,6 +41,9 @@ class ConfigKey(str, Enum):
     # on a train message: evaluate the received model (val and test) before training and send both
     # results in one reply, so an evaluated round costs one message (server/federation.py)
     EVALUATE_RECEIVED = "evaluate-received"
+    # on the final evaluation of the reported model: sites add what the study asks of it only
+    # (explain-metrics' saliency aggregates, robustness-eval's attacks)
+    FINAL_EVALUATION = "final-evaluation"
 
 
 class FactKey(str, Enum):
@@ -152,3 +155,35 @@ GROUP_HISTOGRAM_KEYS = frozenset(
     group_metric_key(s, k, n) for s in SPLITS for k in range(MAX_GROUPS) for n in (GROUP_HIST_POS, GROUP_HIST_NEG)
 )
 """Every per-group key a site may send; only the histogram keys are lists (of NUM_HIST_BINS counts)."""
+
+# --- interpretability aggregates (medfed.common.explain.metrics): saliency mass shares, never a per-image map
+EXPLAIN_GRID = 8
+"""Side of the coarse mean saliency map a site sends per class (8x8 in 2D; 4x4x4 in 3D: 64 cells either way)."""
+EXPLAIN_CELLS = 64
+MAX_EXPLAIN_CLASSES = 8
+"""Classes 0..MAX_EXPLAIN_CLASSES-1 a site sends a coarse map for."""
+EXPLAIN_N = "explain-n"  # images whose saliency entered the aggregates
+EXPLAIN_BORDER = "explain-border"  # mean share of saliency mass in the outer band of the image
+EXPLAIN_BORDER_SD = "explain-border-sd"  # its standard deviation over the images (for the server's outlier rule)
+EXPLAIN_MASK = "explain-mask"  # mean share of saliency mass inside the image's mask (energy pointing game)
+EXPLAIN_MASK_N = "explain-mask-n"  # images with a non-empty mask
+EXPLAIN_MAP = "explain-map"  # a class's coarse mean saliency map: EXPLAIN_CELLS shares adding up to 1
+
+
+def explain_class_key(split: str, cls: int, name: str) -> str:
+    """Reply key of one class's explain aggregate, e.g. ``test-c1-explain-border`` or ``test-c1-explain-map``."""
+    return f"{split}-c{cls}-{name}"
+
+
+_SPLIT_NAMES = (EXPLAIN_N, EXPLAIN_BORDER, EXPLAIN_BORDER_SD, EXPLAIN_MASK, EXPLAIN_MASK_N)
+EXPLAIN_SPLIT_KEYS = frozenset(f"{s}-{n}" for s in SPLITS for n in _SPLIT_NAMES)
+EXPLAIN_CLASS_KEYS = frozenset(explain_class_key(s, c, n) for s in SPLITS for c in range(MAX_EXPLAIN_CLASSES)
+                               for n in (EXPLAIN_N, EXPLAIN_BORDER, EXPLAIN_BORDER_SD))
+EXPLAIN_MAP_KEYS = frozenset(explain_class_key(s, c, EXPLAIN_MAP) for s in SPLITS for c in range(MAX_EXPLAIN_CLASSES))
+EXPLAIN_GROUP_KEYS = frozenset(group_metric_key(s, g, n) for s in SPLITS for g in range(MAX_GROUPS)
+                               for n in (EXPLAIN_N, EXPLAIN_BORDER))
+EXPLAIN_SCALAR_KEYS = EXPLAIN_SPLIT_KEYS | EXPLAIN_CLASS_KEYS | EXPLAIN_GROUP_KEYS
+EXPLAIN_COUNT_KEYS = frozenset(k for k in EXPLAIN_SCALAR_KEYS if k.endswith(f"-{EXPLAIN_N}") or k.endswith(EXPLAIN_MASK_N))
+"""Explain counts: whole numbers of images, each at least MIN_GROUP_SAMPLES (k-anonymity)."""
+EXPLAIN_SHARE_KEYS = EXPLAIN_SCALAR_KEYS - EXPLAIN_COUNT_KEYS
+"""Explain values that are shares (or a share's spread): numbers in 0..1."""

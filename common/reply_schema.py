@@ -23,6 +23,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from medfed.common.constants import (
+    EXPLAIN_CELLS,
+    EXPLAIN_COUNT_KEYS,
+    EXPLAIN_MAP_KEYS,
+    EXPLAIN_SCALAR_KEYS,
     GROUP_COUNT_NAMES,
     GROUP_HIST_NEG,
     GROUP_HIST_POS,
@@ -35,6 +39,8 @@ from medfed.common.constants import (
     MetricKey,
     group_metric_key,
 )
+from medfed.common.explain.metrics import explain_problem
+from medfed.common.robustness.keys import ROBUSTNESS_COUNT_KEYS, ROBUSTNESS_KEYS
 
 EVAL_METRICS = (
     MetricKey.LOSS, MetricKey.AUC, MetricKey.ACCURACY, MetricKey.BALANCED_ACCURACY,
@@ -50,11 +56,14 @@ HISTOGRAM_KEYS = frozenset(k for pos, neg, _ in SPLIT_HISTOGRAMS.values() for k 
 ALLOWED_METRICS = frozenset(
     {k.value for k in MetricKey} | {f"{s}-{m.value}" for s in SPLITS for m in EVAL_METRICS}
     | GROUP_SCALAR_KEYS | GROUP_HISTOGRAM_KEYS  # per-group counts (medfed.common.fairness), k-anonymous
+    | EXPLAIN_SCALAR_KEYS | EXPLAIN_MAP_KEYS  # saliency shares per split, class and group (common.explain.metrics)
+    | ROBUSTNESS_KEYS  # accuracy/AUC/sensitivity under attack per epsilon (medfed.common.robustness.study)
 )
 COUNT_KEYS = frozenset(
     {MetricKey.NUM_EXAMPLES.value, MetricKey.TRAIN_STEPS.value}
     | {f"{s}-{m.value}" for s in SPLITS for m in (MetricKey.NUM_EXAMPLES, MetricKey.HD95_COUNT)}
     | {group_metric_key(s, k, n) for s in SPLITS for k in range(MAX_GROUPS) for n in GROUP_COUNT_NAMES}
+    | EXPLAIN_COUNT_KEYS | ROBUSTNESS_COUNT_KEYS
 )
 """Metrics that count something: non-negative whole numbers."""
 _PAIRS = (
@@ -78,6 +87,8 @@ def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
     if unknown:
         return f"{unknown} metric name(s) outside the allowlist of aggregate metrics"
     for name, value in metrics.items():
+        if isinstance(value, list) and name in EXPLAIN_MAP_KEYS:
+            continue  # a coarse saliency map: checked by explain_problem below
         if isinstance(value, list):
             if name not in HISTOGRAM_KEYS:
                 return f"metric {name} may not be a list (per-sample values stay at the site)"
@@ -85,8 +96,8 @@ def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
                 return f"histogram {name} has {len(value)} bins, not {NUM_HIST_BINS}"
             if not all(_is_count(v) for v in value):
                 return f"histogram {name} holds a value that is not a non-negative whole count"
-        elif name in HISTOGRAM_KEYS:
-            return f"histogram {name} must be a list of {NUM_HIST_BINS} counts"
+        elif name in HISTOGRAM_KEYS or name in EXPLAIN_MAP_KEYS:
+            return f"{name} must be a list (of {NUM_HIST_BINS} counts, or {EXPLAIN_CELLS} shares for a saliency map)"
         elif not _is_number(value) or not math.isfinite(value):
             return f"metric {name} is not a finite number"
         elif name in COUNT_KEYS and not _is_count(value):
@@ -101,7 +112,7 @@ def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
             return f"{split} histograms come without {n}"
         if pos in metrics and n in metrics and sum(metrics[pos]) + sum(metrics[neg]) != metrics[n]:
             return f"{split} histograms do not add up to {n}"
-    return _groups_problem(metrics)
+    return explain_problem(metrics) or _groups_problem(metrics)
 
 
 def _groups_problem(metrics: Mapping[str, Any]) -> str | None:

@@ -35,6 +35,17 @@ TABULAR = ("logreg", "mlp")  # feature vectors carried as (N, F, 1, 1) images (m
 CLASSIFIERS = ("cnn", "cnn-dp", "densenet121", "resnet18") + TABULAR
 SEGMENTERS = ("unet", "basicunet")
 GENERATORS = ("cgan",)
+IMAGE_CLASSIFIERS = tuple(m for m in CLASSIFIERS if m not in TABULAR)  # what saliency and attacks read
+
+
+def check_image_classifier(model: str, what: str) -> None:
+    """ConfigError unless ``model`` is an image classifier: saliency and attacks need pixels and class scores."""
+    if model in IMAGE_CLASSIFIERS:
+        return
+    kind = ("a tabular model (feature vectors, no pixels)" if model in TABULAR
+            else "a segmentation model" if model in SEGMENTERS
+            else "a generation model" if model in GENERATORS else "not a medfed model")
+    raise ConfigError(f"{what} reads image classifiers ({', '.join(IMAGE_CLASSIFIERS)}); model {model!r} is {kind}")
 
 
 class Task:

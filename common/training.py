@@ -41,6 +41,9 @@ class TrainSettings:
     proximal_mu: float = 0.0  # FedProx: (mu/2)·||w - w_global||² added to the loss
     seed: int = 0
     group_reweight: bool = False  # weight each sample by 1 / frequency of its (group, label) cell
+    adv_eps: float = 0.0  # > 0: PGD adversarial training with this radius on the [0, 1] scale
+    adv_steps: int = 3
+    adv_ratio: float = 0.5  # share of each batch replaced by adversarial examples
 
     @classmethod
     def from_study(cls, cfg: StudyConfig, seed: int, proximal_mu: float = 0.0) -> TrainSettings:
@@ -55,6 +58,9 @@ class TrainSettings:
             proximal_mu=proximal_mu,
             seed=seed,
             group_reweight=cfg.group_reweight,
+            adv_eps=cfg.adv_eps / 255.0 if cfg.adv_train == "pgd" else 0.0,
+            adv_steps=cfg.adv_steps,
+            adv_ratio=cfg.adv_ratio,
         )
 
     def num_steps(self, num_samples: int) -> int:
@@ -192,8 +198,14 @@ def train(
         prox = [(named[k], global_params[k].to(device)) for k in named if k in global_params]
     steps = settings.num_steps(n)
     forward, opt, batches, close = _plan(model, images, labels, weights, steps, settings, gen, dp)
+    adversary = None
+    if settings.adv_eps > 0:
+        from medfed.common.robustness.adversarial import AdvSettings
+
+        adversary = (AdvSettings(settings.adv_eps, settings.adv_steps, settings.adv_ratio),
+                     torch.Generator().manual_seed(derive_seed(settings.seed, "adv")))
     try:
-        total = _run(forward, opt, batches, loss_fn, prox, settings.proximal_mu, device)
+        total = _run(forward, opt, batches, loss_fn, prox, settings.proximal_mu, device, adversary)
     finally:
         close()
     if not math.isfinite(total):
@@ -203,11 +215,13 @@ def train(
     )
 
 
-def _run(forward, opt, batches, loss_fn, prox, mu: float, device: torch.device) -> float:
+def _run(forward, opt, batches, loss_fn, prox, mu: float, device: torch.device, adversary=None) -> float:
     """The loop body shared by plain and DP-SGD training; returns the summed batch losses.
 
     A batch is ``(x, y)``, or ``(x, y, w)`` with per-sample weights: the loss is then the
     batch mean of ``w_i · loss_i`` over the per-sample losses ``loss_fn`` returns.
+    ``adversary``: (AdvSettings, generator): part of each batch becomes PGD examples against
+    the current model first (:mod:`medfed.common.robustness.adversarial`).
     """
     total = 0.0
     for x, y, *weight in batches:
@@ -219,6 +233,10 @@ def _run(forward, opt, batches, loss_fn, prox, mu: float, device: torch.device) 
             continue
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if adversary is not None:
+            from medfed.common.robustness.adversarial import adversarial_batch
+
+            x = adversarial_batch(forward, x, y, *adversary)
         opt.zero_grad()
         loss = loss_fn(forward(x), y)
         if weight:

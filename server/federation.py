@@ -70,6 +70,7 @@ from medfed.server.frozen import split as split_frozen
 from medfed.server.limits import bound_replies, reply_bytes
 from medfed.server.outcome import COMPLETED, FAILED, STOPPED, Outcome, StudyFailed
 from medfed.server.recorder import RunRecorder
+from medfed.server.trust import trust_sections
 from medfed.server.replies import (
     Capped,
     Failure,
@@ -602,7 +603,7 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
             described: Described | None) -> dict[str, Any]:
     """Evaluate the selected model at every site and centrally with the chosen threshold."""
     sel = st.selection
-    final_cfg: dict[str, Any] = {ConfigKey.RUN_SEED.value: cfg.seed}
+    final_cfg: dict[str, Any] = {ConfigKey.RUN_SEED.value: cfg.seed, ConfigKey.FINAL_EVALUATION.value: True}
     if sel.threshold is not None:
         final_cfg[ConfigKey.THRESHOLD.value] = sel.threshold
     view = st.avail.final_view(grid) if st.avail else grid
@@ -662,6 +663,7 @@ def _finish(grid: Grid, cfg: StudyConfig, strategy: Strategy, spec: ModelSpec, c
         summary[FAIRNESS] = fairness
     if (central_dp := central_privacy(strategy)) is not None:
         summary["central-dp"] = central_dp
+    summary.update(trust_sections(cfg, per_site, info))  # explain-metrics, robustness-eval: the sites' aggregates
     recorder.save_model(
         Checkpoint(model=spec, state_dict=arrays_to_state_dict(best), config=cfg.to_dict(),
                    round=sel.best_round,

@@ -23,7 +23,7 @@ from typing import Any
 
 from medfed.common import metrics as mk
 from medfed.common.constants import MetricKey
-from medfed.server.report_html import write_report_html
+from medfed.common.report_html import write_report_html
 
 logger = logging.getLogger(__name__)
 
@@ -440,6 +440,7 @@ def write_report(run_dir: Path | str) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist; pass the directory the server wrote.")
     from medfed.server.report_fairness import fairness_sections
+    from medfed.server.report_trust import trust_sections
 
     summary = read_summary(run_dir)
     rounds = read_metrics(run_dir)
@@ -449,6 +450,7 @@ def write_report(run_dir: Path | str) -> Path:
         *_test_table(summary),
         *_site_table(summary, rounds),
         *fairness_sections(run_dir, summary, rounds),  # per-group metrics and gaps, when groups exist
+        *trust_sections(run_dir, summary),  # saliency aggregates and robustness, when the study asked
         *_totals(summary, rounds),
         *_failures(rounds),
         *_privacy(summary, rounds),

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from medfed.common.cli import main
-from medfed.server import report, report_html
-from medfed.server.report_html import markdown_page, render_inline, render_markdown
+from medfed.common import report_html
+from medfed.server import report
+from medfed.common.report_html import markdown_page, render_inline, render_markdown
 from tests.test_report import make_round, write_run
 
 # A valid 1x1 PNG.
@@ -108,7 +109,7 @@ def test_image_outside_run_dir_or_invalid_is_not_embedded(tmp_path, caplog, targ
     (run / "notes.txt").write_text("hello")
     (run / "fake.png").write_bytes(b"<svg onload=alert(1)>")
     target = str(outside) if target == "ABSOLUTE" else target
-    with caplog.at_level("WARNING", logger="medfed.server.report_html"):
+    with caplog.at_level("WARNING", logger="medfed.common.report_html"):
         body, _ = render_markdown(f"![plot]({target})", run)
     assert "<img" not in body and "data:image" not in body.replace(html.escape(target), "")
     assert _b64(PNG + b"secret-bytes") not in body

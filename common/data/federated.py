@@ -12,6 +12,9 @@
   scanner); neither of the above does, so it is rejected here.
 - ``dataset="uci-heart"``: the natural split of the UCI Heart Disease folder at ``data_path``
   (:mod:`medfed.common.data.uci_heart`): sites ``cleveland``, ``hungary``, ``switzerland``, ``va``.
+- ``shortcut_site=K`` (>= 0): site K's class-1 images carry a bright bar near the border
+  (:mod:`medfed.common.data.shortcut`), burned in after any scanner shift; central val/test
+  are then the concatenated site splits, as with a shift.
 - ``shift="scanner"``: every site's images go through its own scanner
   (:mod:`medfed.common.data.shift`) once, after partitioning; ``central_val`` /
   ``central_test`` are then the concatenated (shifted) site splits.
@@ -67,6 +70,8 @@ def partition_options(cfg: StudyConfig) -> dict[str, object]:
         "shift_strength": cfg.shift_strength,
         "group_contrast": cfg.group_contrasts,
         "feature_scaling": cfg.feature_scaling,
+        "shortcut_site": cfg.shortcut_site,
+        "shortcut_strength": cfg.shortcut_strength,
     }
 
 
@@ -85,6 +90,8 @@ def build_federated_data(
     shift_strength: float = 1.0,
     group_contrast: tuple[float, ...] = (),
     feature_scaling: str = "federated",
+    shortcut_site: int = -1,
+    shortcut_strength: float = 1.0,
 ) -> FederatedData:
     """Build the sites of a study (see module docstring); deterministic given the arguments.
 
@@ -134,9 +141,13 @@ def build_federated_data(
             )
         info, train, val, test = load_medmnist_cached(data_path)
         fed = _partitioned(info, train, val, test, num_sites, partition, alpha, seed, split_args)
-    if shift == "none":
+    if shift == "none" and shortcut_site < 0:
         return fed
-    sites = shift_sites(fed.sites, seed, shift_strength)
+    sites = shift_sites(fed.sites, seed, shift_strength) if shift != "none" else fed.sites
+    if shortcut_site >= 0:  # burned in after acquisition, as a hospital's marker is
+        from medfed.common.data.shortcut import plant_shortcut
+
+        sites = plant_shortcut(sites, shortcut_site, shortcut_strength)
     return FederatedData(info=fed.info, sites=sites,
                          central_test=ImageSplit.concat([s.test for s in sites]),
                          central_val=ImageSplit.concat([s.val for s in sites]))
@@ -173,6 +184,8 @@ def load_federated_cached(
     shift_strength: float = 1.0,
     group_contrast: tuple[float, ...] = (),
     feature_scaling: str = "federated",
+    shortcut_site: int = -1,
+    shortcut_strength: float = 1.0,
 ) -> FederatedData:
     """:func:`build_federated_data`, memoised per process (the ClientApp calls it every message).
 
@@ -197,6 +210,8 @@ def load_federated_cached(
         ("shift_strength", float(shift_strength)),
         ("group_contrast", tuple(float(c) for c in group_contrast)),
         ("feature_scaling", str(feature_scaling)),
+        ("shortcut_site", int(shortcut_site)),
+        ("shortcut_strength", float(shortcut_strength)),
     )
     return _cached(dataset, data_path, mtime_ns, int(num_sites), partition, float(alpha), int(seed), options)
 

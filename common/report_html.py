@@ -1,4 +1,4 @@
-"""Self-contained ``report.html`` from a run directory's ``report.md``.
+"""Self-contained HTML pages from medfed's Markdown: ``report.html`` of a run, ``explain.html`` of a site.
 
 The page is one file that opens anywhere: images are embedded as base64 ``data:`` URIs, the CSS is
 inline, there is no JavaScript, and a Content-Security-Policy forbids loading anything else.
