@@ -36,7 +36,11 @@ def main(out: Path) -> None:
         data, marker, seed = path.parent.name.split("-")
         k = int((path.parent / "planted-site").read_text())
         site = f"site-{k}"
-        e = json.loads(path.read_text())["explain"]
+        e = json.loads(path.read_text()).get("explain")
+        if e is None:  # no site sent saliency aggregates: the run's log says why
+            tally.setdefault((data, marker), []).append(False)
+            print(f"{data:10s} {seed:3s} marker {marker:3s} K={site} NO explain section (see {path.parent}.log)")
+            continue
         zs = {c: round(r.get("z", float("nan")), 1) for c, r in e["sites"].get(site, {}).get("classes", {}).items()}
         ok = (site in e["flagged"]) if marker == "on" else not e["flagged"]
         tally.setdefault((data, marker), []).append(ok)

@@ -3,7 +3,7 @@
 The run config is checked by :func:`medfed.common.config.parse_study_config` (types,
 ranges, choices; errors name the key). Here: the size of the model the message carries
 (``max-message-mb`` in site.yaml) and the per-message config record (server round,
-FedProx mu, FedBN flag, decision threshold, evaluate-received). Errors are
+FedProx mu, FedBN flag, decision threshold, evaluate-received, final-evaluation). Errors are
 :class:`PublicSiteError`s, so the server learns which key it got wrong.
 
 The size is checked once the message has arrived: Flower's SuperNode pulls a message's
@@ -31,6 +31,7 @@ _CONFIG_BOUNDS: dict[str, tuple[type, float, float]] = {
     ConfigKey.FEDBN.value: (bool, 0, 1),
     ConfigKey.CENTRAL_DP.value: (bool, 0, 1),
     ConfigKey.EVALUATE_RECEIVED.value: (bool, 0, 1),
+    ConfigKey.FINAL_EVALUATION.value: (bool, 0, 1),
 }
 
 

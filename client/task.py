@@ -152,9 +152,17 @@ def evaluate_round(
             log.info("site %s: %s split has %d sample(s), fewer than min-eval-n=%d: no %s metrics are sent",
                      site.site_id, split_name, len(split), minimum, split_name)
             continue
-        metrics, probs = task.evaluate(
-            model, split, device, threshold=None if threshold is None else float(threshold)
-        )
+        explain: dict[str, float | list[float]] = {}
+        if split_name == EXPLAIN_SPLIT and _explains(cfg, config):  # one forward pass for metrics and saliency
+            from medfed.common.explain.site import evaluate_and_explain
+
+            metrics, probs, explain = evaluate_and_explain(
+                model, cfg.model, split, split_name, device, cfg.explain_band, cfg.explain_method,
+                threshold=None if threshold is None else float(threshold))
+        else:
+            metrics, probs = task.evaluate(
+                model, split, device, threshold=None if threshold is None else float(threshold)
+            )
         out.update({f"{split_name}-{key}": float(value) for key, value in metrics.items()
                     if math.isfinite(float(value))})
         binary = probs is not None and probs.ndim == 2 and probs.shape[1] == 2  # binary classification
@@ -169,25 +177,21 @@ def evaluate_round(
                 threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
                 num_groups=len(site.info.group_values) or None, bins=NUM_HIST_BINS, split=split_name,
             ))
-        out.update(_trust_metrics(cfg, model, split, split_name, device, config, threshold))
+        out.update(explain)
+        if split_name == "test" and cfg.robustness_attacks and config.get(ConfigKey.FINAL_EVALUATION.value, False):
+            from medfed.common.robustness.study import robustness_reply
+
+            out.update(robustness_reply(model, split, device, cfg, None if threshold is None else float(threshold)))
     out[MetricKey.NUM_EXAMPLES.value] = float(len(site.data.val) if len(site.data.val) >= minimum else 0)
     if len(site.data.test) >= minimum:  # the weight of this site's test metrics in the pooled test result
         out[MetricKey.TEST_EXAMPLES.value] = float(len(site.data.test))
     return out
 
 
-def _trust_metrics(cfg: StudyConfig, model, split, split_name: str, device, config: Mapping[str, Any],
-                   threshold: Any) -> dict[str, float | list[float]]:
-    """What explain-metrics and robustness-eval add to this split's evaluation (aggregates only)."""
-    final = bool(config.get(ConfigKey.FINAL_EVALUATION.value, False))
-    out: dict[str, float | list[float]] = {}
-    if cfg.explain_every or (cfg.explain_metrics and final):
-        from medfed.common.explain.site import explain_split_metrics
+EXPLAIN_SPLIT = "test"
+"""The split whose saliency aggregates a site sends: the one the server reports (val chooses the round)."""
 
-        out.update(explain_split_metrics(model, cfg.model, split, split_name, device, cfg.explain_band,
-                                         cfg.explain_method))
-    if final and cfg.robustness_attacks and split_name == "test":
-        from medfed.common.robustness.study import robustness_reply
 
-        out.update(robustness_reply(model, split, device, cfg, None if threshold is None else float(threshold)))
-    return out
+def _explains(cfg: StudyConfig, config: Mapping[str, Any]) -> bool:
+    """Whether this evaluation carries explain-metrics' saliency aggregates (every one, or the final one)."""
+    return cfg.explain_every or (cfg.explain_metrics and bool(config.get(ConfigKey.FINAL_EVALUATION.value, False)))

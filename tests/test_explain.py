@@ -264,12 +264,18 @@ def test_site_evaluation_adds_explain_aggregates_only_when_asked(tmp_path):
     site = SiteRuntime("site-0", fed.info, fed.sites[0], tmp_path / "state")
     torch.manual_seed(0)
     arrays = model_to_arrays(build_model(ModelSpec("cnn", 1, 2, 28)))
-    cfg = StudyConfig(num_sites=2, out_dir=str(tmp_path), min_eval_n=5, explain_metrics=True)
-    assert not any("explain" in k for k in evaluate_round(cfg, site, arrays, {}))  # a round's evaluation
-    final = evaluate_round(cfg, site, arrays, {"final-evaluation": True})
-    assert {"test-explain-border", "test-c1-explain-map", "val-explain-n"} <= set(final)
+    cfg = StudyConfig(num_sites=2, out_dir=str(tmp_path), min_eval_n=5)
+    asked = cfg.replace(explain_metrics=True)
+    assert not any("explain" in k for k in evaluate_round(asked, site, arrays, {}))  # a round's evaluation
+    plain = evaluate_round(cfg, site, arrays, {"final-evaluation": True, "threshold": 0.4})
+    final = evaluate_round(cfg.replace(explain_metrics=True), site, arrays,
+                           {"final-evaluation": True, "threshold": 0.4})
+    assert {"test-explain-border", "test-c1-explain-map", "test-explain-n"} <= set(final)
+    assert not any(k.startswith("val-") and "explain" in k for k in final)  # the reported split only
     assert metrics_problem(final) is None
-    every = evaluate_round(cfg.replace(explain_every=True), site, arrays, {})
+    for key, value in plain.items():  # one forward pass for metrics and saliency: the same metrics
+        assert final[key] == pytest.approx(value, abs=1e-6), key
+    every = evaluate_round(cfg.replace(explain_metrics=False, explain_every=True), site, arrays, {})
     assert "test-explain-border" in every
 
 
@@ -325,3 +331,12 @@ def test_explain_refuses_a_gan_and_a_file_that_is_not_a_checkpoint(tmp_path, cap
     assert main(["explain", "--model", str(junk), "--out", str(tmp_path / "o")]) == 2
     assert "not a readable medfed checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_final_evaluation_flag_is_checked_at_the_site():
+    from medfed.client.boundary import PublicSiteError
+    from medfed.client.incoming import check_message_config
+
+    check_message_config({"final-evaluation": True})
+    with pytest.raises(PublicSiteError, match="final-evaluation"):
+        check_message_config({"final-evaluation": 1})

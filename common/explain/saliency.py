@@ -197,8 +197,9 @@ def saliency_maps(model: nn.Module, images: torch.Tensor, method: str, layer: st
     return out
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Gradient of each image's target-class logit with respect to the image, for a batch at once.
+def logits_and_input_gradient(model: nn.Module, x: torch.Tensor,
+                              targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, gradient of each image's target-class logit with respect to the image), one forward pass.
 
     MONAI's ``VanillaGrad`` takes one image per call; medfed's classifiers have no layer that
     mixes images (GroupNorm, no BatchNorm), so the gradient of the summed scores is each image's
@@ -209,16 +210,23 @@ def input_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> 
     try:
         with torch.enable_grad():
             x = x.detach().clone().requires_grad_(True)
-            scores = model(x).gather(1, targets.reshape(-1, 1).long()).sum()
-            (grad,) = torch.autograd.grad(scores, x)
+            logits = model(x)
+            (grad,) = torch.autograd.grad(logits.gather(1, targets.reshape(-1, 1).long()).sum(), x)
     finally:
         model.train(was_training)
-    return grad
+    return logits.detach(), grad
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logits_and_input_gradient(model, x, targets)[1]
 
 
 def gradient_x_input(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     """max(0, sum over channels of gradient x input): (N, *spatial) evidence for the target class."""
-    grad = input_gradient(model, x, targets)
+    return positive_gradient_x_input(x, input_gradient(model, x, targets))
+
+
+def positive_gradient_x_input(x: torch.Tensor, grad: torch.Tensor) -> np.ndarray:
     return (grad * x).sum(1).clamp(min=0).detach().float().cpu().numpy()
 
 

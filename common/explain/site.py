@@ -33,3 +33,37 @@ def explain_split_metrics(model: nn.Module, model_name: str, split: ImageSplit, 
     maps = split_saliency(model, model_name, split, device, method)
     return explain_aggregates(maps, split.labels, split_name, band, groups=split.groups,
                               masks=getattr(split, "masks", None))
+
+
+def evaluate_and_explain(model: nn.Module, model_name: str, split: ImageSplit, split_name: str,
+                         device: torch.device, band: float, method: str = "gradxinput",
+                         threshold: float | None = None, batch_size: int = 256,
+                         ) -> tuple[dict[str, float], np.ndarray, dict[str, float | list[float]]]:
+    """(the metrics and probabilities ``Task.evaluate`` gives, the explain aggregates) of ``split``.
+
+    With gradient x input the logits of the evaluation and the saliency come from one forward
+    pass, so explaining a split costs one backward pass more than evaluating it; other methods
+    evaluate and explain separately.
+    """
+    from medfed.common.explain.saliency import logits_and_input_gradient, positive_gradient_x_input
+    from medfed.common.metrics import classification_metrics
+    from medfed.common.training import evaluate
+
+    if method != "gradxinput" or len(split) == 0:
+        metrics, probs = evaluate(model, split, device, threshold=threshold)
+        return metrics, probs, explain_split_metrics(model, model_name, split, split_name, device, band, method)
+    model.to(device)
+    images, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
+    logits, maps = [], []
+    for start in range(0, len(split), batch_size):
+        x = images[start:start + batch_size].to(device)
+        out, grad = logits_and_input_gradient(model, x, labels[start:start + batch_size].to(device))
+        logits.append(out.float().cpu())
+        maps.append(positive_gradient_x_input(x, grad))
+    all_logits = torch.cat(logits)
+    probs = torch.softmax(all_logits, dim=1).numpy()
+    metrics = classification_metrics(split.labels, probs, threshold=threshold)
+    metrics["loss"] = float(nn.functional.cross_entropy(all_logits, labels))
+    aggregates = explain_aggregates(np.concatenate(maps), split.labels, split_name, band, groups=split.groups,
+                                    masks=getattr(split, "masks", None))
+    return metrics, probs, aggregates
