@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from medfed.common.config import StudyConfig
+from medfed.common.config import EPS_UNIT, StudyConfig
 from medfed.common.data.splits import ImageSplit
 from medfed.common.errors import ConfigError, DataError
 from medfed.common.optim import SGD, Adam
@@ -58,7 +58,7 @@ class TrainSettings:
             proximal_mu=proximal_mu,
             seed=seed,
             group_reweight=cfg.group_reweight,
-            adv_eps=cfg.adv_eps / 255.0 if cfg.adv_train == "pgd" else 0.0,
+            adv_eps=cfg.adv_eps / EPS_UNIT if cfg.adv_train == "pgd" else 0.0,  # config: 1/255 units
             adv_steps=cfg.adv_steps,
             adv_ratio=cfg.adv_ratio,
         )

@@ -340,3 +340,26 @@ def test_the_final_evaluation_flag_is_checked_at_the_site():
     check_message_config({"final-evaluation": True})
     with pytest.raises(PublicSiteError, match="final-evaluation"):
         check_message_config({"final-evaluation": 1})
+
+
+def test_report_sections_show_the_flag_the_maps_and_the_robustness_curves(tmp_path):
+    from medfed.server.explain import summary_explain
+    from medfed.server.report_trust import trust_sections
+    from medfed.server.robustness import summary_robustness
+
+    rng = np.random.default_rng(3)
+    per_site = {}
+    for k in range(3):
+        maps = rng.random((12, 20, 20)) + 1.0
+        if k == 1:
+            maps[6:, :3, :3] += 40.0
+        per_site[f"site-{k}"] = {**xm.explain_aggregates(maps, np.array([0] * 6 + [1] * 6), "test"),
+                                 "test-accuracy": 0.9, "test-robust-n": 12.0,
+                                 "test-robust-pgd-e0-accuracy": 0.7, "test-robust-pgd-e1-accuracy": 0.2}
+    summary = {"explain": summary_explain(per_site, 0.1, "gradxinput"),
+               "robustness": summary_robustness(per_site, ("pgd",), (("2", 2 / 255), ("8", 8 / 255)), 10)}
+    text = "\n".join(trust_sections(tmp_path, summary))
+    assert "**Flagged: site-1**" in text and "| site-1 |" in text
+    assert "| pooled | pgd | 0.900 | 0.700 | 0.200 |" in text
+    assert (tmp_path / "explain_maps.png").is_file() and (tmp_path / "robustness_sites.png").is_file()
+    assert trust_sections(tmp_path, {}) == []

@@ -1,4 +1,4 @@
-"""A site's interpretability aggregates for one split: Grad-CAM maps in, shares out (nothing per image).
+"""A site's interpretability aggregates for one split: saliency maps in, shares out (nothing per image).
 
 Called by the site's evaluation (``client/task.py``) in simulation and deployment alike.
 """

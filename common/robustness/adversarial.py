@@ -27,9 +27,6 @@ import torch
 from medfed.common.robustness.attacks import pgd
 from torch import nn
 
-EPS_UNIT = 255.0  # adv-eps is given in 1/255 of the [0, 1] intensity scale
-
-
 @dataclass(frozen=True)
 class AdvSettings:
     eps: float  # on the [0, 1] scale
