@@ -15,7 +15,7 @@ def marker_effect(run: Path, site_index: int) -> tuple[float, float]:
     from medfed.client.checkpoint_site import study_config
     from medfed.common.checkpoint import load_checkpoint
     from medfed.common.data.federated import load_study_data
-    from medfed.common.data.shortcut import MARKER_CLASS, _planted
+    from medfed.common.data.shortcut import MARKER_CLASS, planted
     from medfed.common.data.splits import ImageSplit
     from medfed.common.privacy_audit import model_from_state
 
@@ -23,7 +23,7 @@ def marker_effect(run: Path, site_index: int) -> tuple[float, float]:
     cfg = study_config(ckpt.config).replace(shortcut_site=-1)
     test = load_study_data(cfg).sites[site_index].test
     neg = test.subset(np.nonzero(test.labels == 0)[0])
-    marked = _planted(ImageSplit(neg.images, np.full(len(neg), MARKER_CLASS), None), 1.0)
+    marked = planted(ImageSplit(neg.images, np.full(len(neg), MARKER_CLASS), None), 1.0)
     model = model_from_state(ckpt.model, ckpt.state_dict).eval()
     with torch.no_grad():
         p = [float(torch.softmax(model(torch.from_numpy(x)), 1)[:, 1].mean()) for x in (neg.images, marked.images)]

@@ -128,18 +128,9 @@ def parse_scale(scale: float) -> float:
 
 def parse_eps(text: str, scale: float) -> list[tuple[str, float]]:
     """(label as typed, value on the [0, 1] scale) for each strength; ConfigError naming the bad one."""
-    out: list[tuple[str, float]] = []
-    for label in dict.fromkeys(_items(text, "--eps")):
-        try:
-            given = float(label)
-        except ValueError:
-            raise ConfigError(f"--eps {label!r} is not a number: give numbers such as {DEFAULT_EPS}") from None
-        value = given / scale
-        if not (math.isfinite(value) and 0 < value <= 1):
-            raise ConfigError(f"--eps {label} is {value:g} on the [0, 1] pixel scale (--eps-scale {scale:g}): "
-                              f"give strengths > 0 and <= {scale:g}")
-        out.append((label, value))
-    return out
+    from medfed.common.robustness.keys import parse_radii
+
+    return parse_radii(text, scale, "--eps")
 
 
 def _items(text: str, flag: str) -> list[str]:

@@ -344,21 +344,12 @@ EPS_UNIT = 255.0  # radii in config and on the command line are in 1/255 units o
 
 
 def _radii(text: str) -> tuple[tuple[str, float], ...]:
-    from medfed.common.robustness.keys import MAX_EPS
+    from medfed.common.robustness.keys import MAX_EPS, parse_radii
 
-    out = []
-    for item in (t.strip() for t in str(text).split(",") if t.strip()):
-        try:
-            value = float(item) / EPS_UNIT
-        except ValueError:
-            value = float("nan")
-        if not 0.0 < value <= 1.0:
-            raise ConfigError(f"robustness-eps={text!r}: {item!r} is not a radius in (0, 255] (units of 1/255 "
-                              "of the [0, 1] intensity scale), e.g. 0.5,1,2,4,8")
-        out.append((item, value))
-    if not out or len(out) > MAX_EPS:
-        raise ConfigError(f"robustness-eps={text!r} must list 1..{MAX_EPS} radii, e.g. 0.5,1,2,4,8")
-    return tuple(out)
+    radii = tuple(parse_radii(text, EPS_UNIT, "robustness-eps"))
+    if len(radii) > MAX_EPS:
+        raise ConfigError(f"robustness-eps={text!r} lists {len(radii)} radii: give at most {MAX_EPS}, e.g. 0.5,1,2,4,8")
+    return radii
 
 
 def _check_trust(cfg: StudyConfig) -> None:

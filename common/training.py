@@ -224,6 +224,8 @@ def _run(forward, opt, batches, loss_fn, prox, mu: float, device: torch.device, 
     the current model first (:mod:`medfed.common.robustness.adversarial`).
     """
     total = 0.0
+    if adversary is not None:
+        from medfed.common.robustness import adversarial
     for x, y, *weight in batches:
         if len(y) == 0:  # only DP-SGD's Poisson batches can be empty
             from medfed.common.dp.engine import noise_only_step
@@ -234,9 +236,7 @@ def _run(forward, opt, batches, loss_fn, prox, mu: float, device: torch.device, 
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if adversary is not None:
-            from medfed.common.robustness.adversarial import adversarial_batch
-
-            x = adversarial_batch(forward, x, y, *adversary)
+            x = adversarial.adversarial_batch(forward, x, y, *adversary)
         opt.zero_grad()
         loss = loss_fn(forward(x), y)
         if weight:

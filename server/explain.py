@@ -36,7 +36,9 @@ from typing import Any
 
 import numpy as np
 from medfed.common.constants import (
+    EXPLAIN_GRID,
     EXPLAIN_BORDER,
+    EXPLAIN_CELLS,
     EXPLAIN_BORDER_SD,
     EXPLAIN_MASK,
     EXPLAIN_MASK_N,
@@ -52,11 +54,11 @@ from medfed.common.constants import (
 EXPLAIN = "explain"
 SPLIT = "test"
 Z_CUTOFF = 3.5
-MIN_EXCESS = 1.0 / 64  # one uniform cell's share of the saliency mass
+MIN_EXCESS = 1.0 / EXPLAIN_CELLS  # one uniform cell's share of the saliency mass
 SPREAD_FLOOR = 0.005  # the hot spots' between-site spread without a marker, at REFERENCE_N images of a class
 REFERENCE_N = 30  # (synthetic and PneumoniaMNIST test splits); a class of n images wanders sqrt(30 / n) as much
 MIN_SITES = 3
-GRID = 8
+GRID = EXPLAIN_GRID
 RING = tuple(i * GRID + j for i in range(GRID) for j in range(GRID) if i in (0, GRID - 1) or j in (0, GRID - 1))
 RULE = (f"per class, each site's hot spot e = max over the coarse map's border cells of (its share - the other sites' "
         f"median share); flagged when z = (e - median(hot spots of the other sites, all classes)) / "

@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from medfed.common import metrics as mk
 from medfed.common.constants import MetricKey
 from medfed.common.report_html import write_report_html
+from medfed.server.report_format import (
+    PLOT_SIZE_IN as _PLOT_SIZE_IN,
+    finish_round_plot,
+    fmt as _fmt,
+    fmt_bytes as _fmt_bytes,
+    fmt_count as _fmt_count,
+    md_table as _md_table,
+    natural_key as _natural_key,
+    number as _number,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +87,6 @@ TASK_SITE_COLUMNS = {
 def _site_columns(summary: Mapping[str, Any]) -> tuple[tuple[str, tuple[str, ...], bool], ...]:
     return TASK_SITE_COLUMNS.get(str(summary.get("task", "classification")), SITE_COLUMNS)
 
-_PLOT_DPI = 110
-_PLOT_SIZE_IN = (7.0, 4.5)
 
 
 # ---------------------------------------------------------------------------
@@ -135,58 +141,6 @@ def read_summary(run_dir: Path | str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------
-def _natural_key(text: str) -> list[Any]:
-    """Sort key that puts site-2 before site-10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float, or None when missing, non-numeric or NaN."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    """A metric value for a table: integers as is, floats with ``digits`` decimals, else n/a."""
-    if isinstance(value, str):
-        return value
-    number = _number(value)
-    if number is None:
-        return "n/a"
-    if isinstance(value, int):
-        return f"{value:d}"
-    return f"{number:.{digits}f}"
-
-
-def _fmt_count(value: Any) -> str:
-    """An example count (may arrive as a float, e.g. 120.0) as an integer, else n/a."""
-    number = _number(value)
-    return "n/a" if number is None else f"{round(number):d}"
-
-
-def _fmt_bytes(count: float) -> str:
-    """Byte count in binary units."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} GiB"
-
-
-def _md_cell(value: Any) -> str:
-    """Text safe to put in a Markdown table cell."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """Lines of a Markdown table."""
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def _first(metrics: Mapping[str, Any], keys: Sequence[str]) -> Any:
     """The value of the first key present in ``metrics``, else None."""
     return next((metrics[key] for key in keys if key in metrics), None)
@@ -224,20 +178,6 @@ def has_metric(rounds: Sequence[Mapping[str, Any]], metric: str) -> bool:
     if _global_series(rounds, metric)[1]:
         return True
     return any(_site_series(rounds, site, metric)[1] for site in _site_ids(rounds))
-
-
-def finish_round_plot(fig: Any, ax: Any, out_png: Path, ylabel: str, title: str) -> None:
-    """The report's style for a plot over rounds: integer round axis, grid, legend, 110 dpi PNG."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=_PLOT_DPI)
 
 
 def plot_site_metrics(rounds: list[dict[str, Any]], metric: str, out_png: Path, title: str | None = None) -> Path:

@@ -24,14 +24,14 @@ from medfed.server.fairness import (
     SOURCE,
     THRESHOLD,
 )
-from medfed.server.report import (
-    _PLOT_SIZE_IN,
-    _fmt,
-    _fmt_count,
-    _md_table,
-    _natural_key,
-    _number,
+from medfed.server.report_format import (
+    PLOT_SIZE_IN as _PLOT_SIZE_IN,
     finish_round_plot,
+    fmt as _fmt,
+    fmt_count as _fmt_count,
+    md_table as _md_table,
+    natural_key as _natural_key,
+    number as _number,
 )
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medfed.common.constants import EXPLAIN_CELLS, EXPLAIN_GRID
 from medfed.server.explain import EXPLAIN
-from medfed.server.report import _fmt, _md_table, _natural_key
+from medfed.server.report_format import fmt as _fmt, md_table as _md_table, natural_key as _natural_key
 from medfed.server.robustness import ROBUSTNESS
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ def _plot_maps(sites: Mapping[str, Any], classes: list[str], out: Path) -> bool:
             ax.set_xticks([])
             ax.set_yticks([])
             cells = rec.get("classes", {}).get(c, {}).get("map") or []
-            if len(cells) == 64:
-                ax.imshow(np.asarray(cells).reshape(8, 8), cmap="magma", vmin=0.0)
+            if len(cells) == EXPLAIN_CELLS:
+                ax.imshow(np.asarray(cells).reshape(EXPLAIN_GRID, EXPLAIN_GRID), cmap="magma", vmin=0.0)
                 drawn = True
             else:
                 ax.text(0.5, 0.5, "suppressed", ha="center", va="center", fontsize=7)

@@ -26,7 +26,8 @@ def marker_region(side: int) -> tuple[slice, slice]:
     return slice(offset, offset + height), slice(offset, offset + max(2, round(side * 0.36)))
 
 
-def _planted(split: ImageSplit, strength: float) -> ImageSplit:
+def planted(split: ImageSplit, strength: float) -> ImageSplit:
+    """``split`` with the bar burned into its class-1 images (a copy; the rest unchanged)."""
     images = split.images.copy()
     rows, cols = marker_region(images.shape[-1])
     positive = split.labels == MARKER_CLASS
@@ -41,6 +42,6 @@ def plant_shortcut(sites: tuple[SiteData, ...], site_index: int, strength: float
     """``sites`` with the marker burned into site ``site_index``'s class-1 images (every split)."""
     out = list(sites)
     s = sites[site_index]
-    out[site_index] = SiteData(s.site_id, _planted(s.train, strength), _planted(s.val, strength),
-                               _planted(s.test, strength))
+    out[site_index] = SiteData(s.site_id, planted(s.train, strength), planted(s.val, strength),
+                               planted(s.test, strength))
     return tuple(out)

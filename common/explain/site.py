@@ -23,7 +23,7 @@ def split_saliency(model: nn.Module, model_name: str, split: ImageSplit, device:
     """
     model.to(device)
     _, channels, side, _ = split.images.shape
-    name = target_layer(model, model_name, channels, side, layer)
+    name = target_layer(model, model_name, channels, side, layer) if method in ("gradcam", "gradcampp") else ""
     return saliency_maps(model, torch.from_numpy(split.images), method, name, class_idx=split.labels)
 
 
